@@ -1,0 +1,41 @@
+# flowerdiff — the commands a user types. `make train` and `make test` install first when needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+FID_CACHE ?= $(HOME)/.cache/flowerdiff/fid
+
+.PHONY: install train test test-fast lint format fid-weights clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -e ".[dev,sweep]"
+	touch $(STAMP)
+
+train: install
+	$(PY) scripts/train.py $(ARGS)
+
+test: install fid-weights
+	$(PY) -m pytest $(ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+lint: install
+	$(PY) -m ruff check src scripts tests
+	$(PY) -m ruff format --check src scripts tests
+
+format: install
+	$(PY) -m ruff check --fix src scripts tests
+	$(PY) -m ruff format src scripts tests
+
+fid-weights: install
+	$(PY) -m flowerdiff.metrics.weights --cache-dir $(FID_CACHE)
+
+clean:
+	rm -rf outputs multirun .pytest_cache

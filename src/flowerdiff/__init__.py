@@ -1,0 +1,1 @@
+"""flowerdiff: Lightning + Hydra denoising diffusion on flower images."""
