@@ -1,0 +1,114 @@
+"""Decode, resize and crop every image once, and keep the result as one uint8 tensor on disk.
+
+Epochs after the first then do no JPEG decoding at all: a batch is a slice of a tensor. The
+cache key covers the file list (paths, sizes, mtimes), the resolution and the resize rule, so a
+changed folder is never served stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torchvision.transforms import v2
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+def cache_key(files: Sequence[Path], image_size: int) -> str:
+    """A digest of what determines the decoded tensor."""
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|size={image_size}|resize-short-center-crop".encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for any PIL mode: grayscale, palette, RGBA (alpha dropped), and 16-bit ('I;16', 'I')."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray((array / scale * 255.0).round().clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def decode_images(files: Sequence[Path], image_size: int) -> tuple[torch.Tensor, list[Path]]:
+    """Decode ``files`` to a ``[N, 3, S, S]`` uint8 tensor; return it with the unreadable files.
+
+    The book's geometry: resize the short side to ``image_size`` (bilinear, antialiased, as the book), then
+    center-crop. Smaller images are upscaled the same way.
+    """
+    resize_crop = v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.Resize(image_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+            v2.CenterCrop(image_size),
+        ]
+    )
+    images: list[torch.Tensor] = []
+    bad: list[Path] = []
+    previous_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is corrupt, not an image
+    try:
+        for path in files:
+            try:
+                with Image.open(path) as image, warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # PIL's palette/transparency chatter
+                    image.load()
+                    images.append(resize_crop(to_rgb(image)))
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                bad.append(path)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous_truncated
+    stacked = (
+        torch.stack(images)
+        if images
+        else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
+    )
+    return stacked, bad
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """Write to a temp file in the same folder, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_or_build(
+    files: Sequence[Path], image_size: int, cache_dir: str | Path | None
+) -> tuple[torch.Tensor, list[Path]]:
+    """The decoded tensor for ``files``, from the cache when it is there, built (and saved) if not.
+
+    Returns the images and the files that could not be decoded (skipped, listed once).
+    """
+    cache_path = None
+    if cache_dir is not None:
+        cache_path = Path(cache_dir).expanduser() / f"images-{cache_key(files, image_size)}.pt"
+        if cache_path.is_file():
+            cached = torch.load(cache_path, map_location="cpu", weights_only=True)
+            return cached["images"], [Path(p) for p in cached["bad_files"]]
+    log.info(
+        "Decoding %d images at %dx%d (once; cached afterwards)", len(files), image_size, image_size
+    )
+    images, bad = decode_images(files, image_size)
+    if cache_path is not None:
+        atomic_torch_save({"images": images, "bad_files": [str(p) for p in bad]}, cache_path)
+    return images, bad
