@@ -34,8 +34,12 @@ TINY_OVERRIDES = [
     "lr_scheduler.warmup_steps=2",
     "logger=csv",
     "~callbacks.progress_bar",
+    "~callbacks.fid",  # needs the Inception weights; tests/test_fid.py adds a small one
     "callbacks.ema.decay=0.9",
-    "callbacks.model_checkpoint.every_n_epochs=1",
+    "callbacks.model_checkpoint.every_n_epochs=1",  # epoch_0000.ckpt, besides last.ckpt
+    "callbacks.denoising_grid.num_images=4",  # its end-of-training grid: 4 images, 2 with
+    "callbacks.denoising_grid.trajectory_images=2",  # a trajectory, 2 forward-diffusion rows
+    "callbacks.denoising_grid.forward_images=2",
 ]
 
 
