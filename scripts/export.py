@@ -1,0 +1,23 @@
+"""Export a checkpoint: `python scripts/export.py ckpt_path=last.ckpt out_dir=exports/run1`."""
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("FLOWERDIFF_ROOT", str(Path(__file__).resolve().parents[1]))
+log = logging.getLogger(__name__)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    from flowerdiff.export import export_checkpoint
+
+    out_dir = export_checkpoint(cfg.ckpt_path, cfg.out_dir)
+    log.info("Exported %s to %s (model.safetensors + config.yaml)", cfg.ckpt_path, out_dir)
+
+
+if __name__ == "__main__":
+    main()
