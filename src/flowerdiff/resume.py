@@ -1,0 +1,156 @@
+"""Continuing a run: ``ckpt_path=last`` resolution and the RNG state Lightning does not save.
+
+Lightning restores the model, optimizer, LR schedule, loop counters and callback state (EMA
+included) from a checkpoint, but not the random number generators. Without them a resumed run
+draws different timesteps, noise and flips than the run it continues; :class:`RNGState` puts
+them in the checkpoint so that a run resumed at an epoch boundary is bit-identical to one that
+never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
+
+log = logging.getLogger(__name__)
+
+
+def numpy_state_to_plain(state: tuple[Any, ...]) -> tuple[Any, ...]:
+    """numpy's legacy MT19937 state with its key array as a tensor: checkpoints stay loadable
+    with ``torch.load(weights_only=True)``, which refuses numpy arrays."""
+    name, keys, *rest = state
+    return (name, torch.from_numpy(keys.astype(np.int64)), *rest)
+
+
+def numpy_state_from_plain(state: tuple[Any, ...]) -> tuple[Any, ...]:
+    name, keys, *rest = state
+    return (name, keys.numpy().astype(np.uint32), *rest)
+
+
+def collect_rng_states() -> dict[str, Any]:
+    """Torch CPU (and every CUDA device), numpy and python RNG states, as plain tensors/tuples."""
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": numpy_state_to_plain(np.random.get_state()),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of :func:`collect_rng_states` (CUDA states only when the device count matches)."""
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(numpy_state_from_plain(states["numpy"]))
+    random.setstate(states["python"])
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def seed_rngs(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and python, but not ``PL_GLOBAL_SEED`` as Lightning's
+    ``seed_everything`` would: the DistributedSampler reads that, and it must be one seed on
+    every rank or the ranks' shards of an epoch would overlap."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class RNGState(Callback):
+    """Save every RNG state in checkpoints and restore it on resume; one stream per DDP process.
+
+    The state is captured when the checkpoint is written and restored when it is loaded, before
+    the training data loader draws its shuffling seed, so both runs consume the same random
+    numbers from there on. Lightning's ``seed_everything`` gives every process the same seed; in
+    multi-process training rank ``r`` is re-seeded with ``seed + r`` so that the processes draw
+    different timesteps and noise for their different images. Only rank 0 writes the checkpoint,
+    so on resume ranks > 0 derive their streams from rank 0's saved state and their rank.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        self._rank = 0
+
+    @property
+    def state_key(self) -> str:
+        return "RNGState"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._rank = trainer.global_rank
+        if stage == "fit" and trainer.world_size > 1 and self.seed is not None:
+            seed_rngs(self.seed + trainer.global_rank)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": collect_rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        states = state_dict["rng"]
+        set_rng_states(states)
+        if self._rank > 0:
+            saved = torch.Generator().set_state(
+                states["torch"]
+            )  # a copy: the global one is untouched
+            base = int(torch.randint(2**31, (1,), generator=saved))
+            seed_rngs(base + self._rank)
+
+
+class InterruptCheckpoint(OnExceptionCheckpoint):
+    """Lightning's on-exception checkpoint, written only once training has taken a step.
+
+    It catches SIGTERM preemption (Lightning turns it into an exception at the next batch), a
+    crash or Ctrl-C. An error before the first step (a bad path, a bad config) writes nothing:
+    there is nothing to resume, and the original error must stay the one the user sees.
+    """
+
+    def on_exception(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.global_step == 0:
+            return
+        try:
+            super().on_exception(trainer, *args, **kwargs)
+        except Exception as error:  # never mask the exception that stopped training
+            log.warning("Could not write the on-exception checkpoint %s: %s", self.ckpt_path, error)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, trainer: L.Trainer) -> str | None:
+    """``last`` -> the newest resumable checkpoint of *this* run directory, or ``None``.
+
+    Candidates are ``last.ckpt`` of every ModelCheckpoint, the on-exception checkpoint (written on
+    a crash, Ctrl-C or SIGTERM preemption) and Lightning's SLURM ``hpc_ckpt_*.ckpt`` (written on
+    the requeue signal). With none of them the run starts from scratch, so the same command
+    works for the first launch of a job and for every requeue. Any other value must be a file.
+    """
+    if ckpt_path is None:
+        return None
+    if str(ckpt_path) != "last":
+        if not Path(ckpt_path).expanduser().is_file():
+            raise FileNotFoundError(
+                f"ckpt_path={ckpt_path!r} does not exist. Pass the path of a .ckpt file, or "
+                "ckpt_path=last to continue the run in hydra.run.dir (for a previous run: "
+                "hydra.run.dir=<that run's directory> ckpt_path=last)."
+            )
+        return str(ckpt_path)
+    candidates = list(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            candidates.append(Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}.ckpt")
+        elif isinstance(callback, OnExceptionCheckpoint):
+            candidates.append(Path(callback.ckpt_path))
+    existing = [path for path in candidates if path.is_file()]
+    if not existing:
+        log.info(
+            "ckpt_path=last: no checkpoint in %s yet, starting from scratch.",
+            trainer.default_root_dir,
+        )
+        return None
+    newest = max(existing, key=lambda path: path.stat().st_mtime)
+    log.info("ckpt_path=last: resuming from %s", newest)
+    return str(newest)

@@ -1,0 +1,145 @@
+"""Exact resume: 4 steps straight == 2 steps + `ckpt_path=last` + 2 steps, with EMA on."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
+from omegaconf import DictConfig
+
+import flowerdiff.train
+from flowerdiff.checkpoint import load_checkpoint
+from flowerdiff.resume import RNGState, resolve_ckpt_path
+from flowerdiff.train import train
+
+from conftest import TINY_OVERRIDES, compose_config
+
+# 8 training images (val_fraction 0.5 of 16) in batches of 4: 2 optimizer steps per epoch, so
+# the interrupted run stops at the epoch boundary. Validation runs (on the EMA weights) after
+# each epoch, as in a real run.
+RESUME_OVERRIDES = ["data.val_fraction=0.5", "trainer.max_epochs=2", "callbacks.ema.decay=0.5"]
+
+
+class StopAfter(Callback):
+    """Stop training after ``steps`` optimizer steps, as a preempted job would."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
+def run_config(tmp_path: Path, image_folder: Path, run: str, *extra: str) -> DictConfig:
+    overrides = [
+        *TINY_OVERRIDES,
+        *RESUME_OVERRIDES,
+        f"data.root={image_folder}",
+        f"paths.root_dir={tmp_path}",
+        *extra,
+    ]
+    return compose_config(overrides, output_dir=tmp_path / run)
+
+
+@pytest.mark.slow
+def test_resume_is_exact_with_ema(
+    tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train(run_config(tmp_path, image_folder, "straight"))
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+
+    instantiate = flowerdiff.train.instantiate_callbacks
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            flowerdiff.train, "instantiate_callbacks", lambda c: [*instantiate(c), StopAfter(2)]
+        )
+        train(run_config(tmp_path, image_folder, "resumed"))
+    first_half = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert first_half["global_step"] == 2
+    train(run_config(tmp_path, image_folder, "resumed", "ckpt_path=last"))
+    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+
+    assert resumed["global_step"] == straight["global_step"] == 4
+    # Training weights, EMA weights, optimizer moments and LR schedule: bit-identical.
+    for key in ("current_model_state", "state_dict"):
+        assert straight[key].keys() == resumed[key].keys()
+        for name, value in straight[key].items():
+            assert torch.equal(value, resumed[key][name]), f"{key}[{name}] differs after resume"
+    for name, value in straight["averaging_state"].items():
+        assert torch.equal(value, resumed["averaging_state"][name]), name
+    assert straight["lr_schedulers"] == resumed["lr_schedulers"]
+    moments = zip(
+        straight["optimizer_states"][0]["state"].values(),
+        resumed["optimizer_states"][0]["state"].values(),
+        strict=True,
+    )
+    for a, b in moments:
+        assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    # The EMA really differs from the training weights, so the comparison above would catch a
+    # resume that continued from the EMA weights instead of the training weights.
+    assert any(
+        not torch.equal(value, resumed["current_model_state"][name])
+        for name, value in resumed["state_dict"].items()
+        if value.is_floating_point()
+    )
+
+
+def test_rng_state_round_trip() -> None:
+    callback = RNGState()
+    saved = callback.state_dict()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    callback.load_state_dict(saved)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0])
+    assert np.array_equal(first[1], again[1])
+    assert first[2] == again[2]
+
+
+def test_ckpt_path_last_picks_newest_of_this_run(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        callbacks=[ModelCheckpoint(dirpath=checkpoints), OnExceptionCheckpoint(checkpoints)],
+        logger=False,
+        accelerator="cpu",
+    )
+    assert resolve_ckpt_path(None, trainer) is None
+    assert resolve_ckpt_path("last", trainer) is None  # first launch: start from scratch
+
+    checkpoints.mkdir()
+    (checkpoints / "last.ckpt").write_bytes(b"")
+    assert resolve_ckpt_path("last", trainer) == str(checkpoints / "last.ckpt")
+    # A SLURM requeue checkpoint written later wins, and so does a newer on-exception one.
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    hpc.write_bytes(b"")
+    os.utime(hpc, (time.time() + 10, time.time() + 10))
+    assert resolve_ckpt_path("last", trainer) == str(hpc)
+    on_exception = checkpoints / "on_exception.ckpt"
+    on_exception.write_bytes(b"")
+    os.utime(on_exception, (time.time() + 20, time.time() + 20))
+    assert resolve_ckpt_path("last", trainer) == str(on_exception)
+
+    with pytest.raises(FileNotFoundError, match="ckpt_path"):
+        resolve_ckpt_path(str(tmp_path / "missing.ckpt"), trainer)
+
+
+def test_each_ddp_rank_gets_its_own_stream_but_one_sampler_seed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PL_GLOBAL_SEED", "42")
+    streams = []
+    for rank in (0, 1):
+        trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        RNGState(seed=42).setup(trainer, None, "fit")  # type: ignore[arg-type]
+        streams.append(torch.rand(4))
+    assert not torch.equal(*streams)  # different timesteps and noise on each rank
+    assert os.environ["PL_GLOBAL_SEED"] == "42"  # the DistributedSampler's seed is left alone
