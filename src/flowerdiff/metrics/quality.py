@@ -1,0 +1,182 @@
+"""FID/KID from features, and the real-data reference features cached on disk.
+
+The feature extractor runs once per image, outside the metrics: torchmetrics'
+``FrechetInceptionDistance`` / ``KernelInceptionDistance`` get an identity "network" and only hold
+the statistics, whose states torchmetrics reduces across ranks in ``compute()``. The extractor
+always runs in float32 (autocast off): FID is sensitive to feature precision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+from tqdm.auto import tqdm
+
+from flowerdiff.data.cache import atomic_torch_save, cache_key
+from flowerdiff.metrics.features import extractor_fingerprint
+
+log = logging.getLogger(__name__)
+
+REFERENCE_VERSION = 1
+
+
+class Features(nn.Module):
+    """The metrics' "network": features are extracted beforehand, so it passes them through."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+@torch.no_grad()
+def extract_features(
+    extractor: nn.Module,
+    images: Tensor,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> Tensor:
+    """Features of uint8 ``images`` ``[N, 3, H, W]`` (any device) as float32 on the CPU."""
+    out = []
+    device = torch.device(device)
+    batches = range(0, len(images), batch_size)
+    for start in tqdm(batches, desc="Inception features", disable=not progress, leave=False):
+        batch = images[start : start + batch_size].to(device)
+        with torch.autocast(device.type, enabled=False):
+            out.append(extractor(batch).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, getattr(extractor, "num_features", 0))
+
+
+class SampleQuality(nn.Module):
+    """FID (and optionally KID) of generated features against fixed real features.
+
+    ``sync``: reduce the states over all ranks in ``compute()`` (training); ``False`` scores this
+    process's features alone even when torch.distributed is initialised.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        kid: bool = False,
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+        sync: bool = True,
+    ) -> None:
+        super().__init__()
+        identity = Features(num_features)
+        self.fid = FrechetInceptionDistance(
+            feature=identity, reset_real_features=False, sync_on_compute=sync
+        )
+        self.kid: KernelInceptionDistance | None = None
+        if kid:
+            with warnings.catch_warnings():  # "KID keeps every feature in memory": intended
+                warnings.filterwarnings("ignore", "Metric `Kernel Inception Distance`")
+                self.kid = KernelInceptionDistance(
+                    feature=identity,
+                    subsets=kid_subsets,
+                    subset_size=kid_subset_size,
+                    reset_real_features=False,
+                    sync_on_compute=sync,
+                )
+        self.kid_subset_size = kid_subset_size
+        self.sync = sync
+
+    def update(self, features: Tensor, real: bool) -> None:
+        features = features.to(self.fid.device, torch.float32)
+        self.fid.update(features, real=real)
+        if self.kid is not None:
+            self.kid.update(features, real=real)
+
+    def compute(self) -> dict[str, float]:
+        """``fid`` (and ``kid_mean``/``kid_std``); a collective under DDP: call on every rank."""
+        result = {"fid": float(self.fid.compute())}
+        if self.kid is not None:
+            # KID draws subsets without replacement: never larger than the smaller set.
+            fake = int(self.fid.fake_features_num_samples)
+            real = int(self.fid.real_features_num_samples)
+            if (
+                self.sync
+                and torch.distributed.is_available()
+                and torch.distributed.is_initialized()
+            ):
+                counts = torch.tensor([fake, real], device=self.fid.device)
+                torch.distributed.all_reduce(counts)
+                fake, real = counts.tolist()
+            self.kid.subset_size = min(self.kid_subset_size, fake, real)
+            mean, std = self.kid.compute()
+            result.update(kid_mean=float(mean), kid_std=float(std))
+        return result
+
+    def reset_fake(self) -> None:
+        """Forget the generated features; the real ones stay (``reset_real_features=False``)."""
+        self.fid.reset()
+        if self.kid is not None:
+            self.kid.reset()
+
+
+def reference_key(data_key: str, extractor: nn.Module) -> str:
+    """Cache key: the data set's identity (files, sizes, mtimes, resolution) and the extractor."""
+    text = f"v{REFERENCE_VERSION}|{data_key}|{extractor_fingerprint(extractor)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def reference_features(
+    images: Callable[[], Tensor],
+    data_key: str,
+    extractor: nn.Module,
+    cache_dir: str | Path | None,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> tuple[Tensor, bool]:
+    """Real-image features ``[N, D]`` from ``cache_dir`` or computed (and saved) now.
+
+    ``images`` is only called on a cache miss. Returns the features and whether they came from
+    the cache. Features rather than mean/covariance are stored, so KID can use them too.
+    """
+    path = None
+    if cache_dir is not None:
+        path = (
+            Path(cache_dir).expanduser() / f"fid-reference-{reference_key(data_key, extractor)}.pt"
+        )
+        if path.is_file():
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            return cached["features"], True
+    real = images()
+    log.info("Computing FID reference features of %d real images (once; cached)", len(real))
+    features = extract_features(extractor, real, batch_size, device, progress)
+    if path is not None:
+        meta = {"data_key": data_key, "extractor": extractor_fingerprint(extractor)}
+        atomic_torch_save({"features": features, "meta": meta}, path)
+    return features, False
+
+
+def datamodule_reference(
+    datamodule: object,
+    extractor: nn.Module,
+    cache_dir: str | Path | None,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> tuple[Tensor, bool]:
+    """Reference features of every image of a FlowersDataModule (its decoded uint8 tensor).
+
+    All images of the source count, the validation hold-out included: FID's reference is the
+    data distribution, and the split seed must not change the score.
+    """
+    hp = datamodule.hparams
+    data_key = f"{hp.source}|{cache_key(datamodule.image_files(), hp.image_size)}"
+    return reference_features(
+        datamodule.load_images, data_key, extractor, cache_dir, batch_size, device, progress
+    )
