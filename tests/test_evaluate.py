@@ -74,3 +74,17 @@ def test_evaluate_image_folder_against_itself_is_zero(image_folder: Path, tmp_pa
 def test_evaluate_needs_exactly_one_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="ckpt_path"):
         evaluate(evaluate_config(tmp_path))
+
+
+def test_crafted_data_config_in_a_checkpoint_does_not_run(checkpoint: Path, tmp_path: Path) -> None:
+    """evaluate.py instantiates the checkpoint's `data` node: a crafted one must be refused."""
+    from flowerdiff.checkpoint import CheckpointError
+
+    marker = tmp_path / "pwned"
+    stored = torch.load(checkpoint, weights_only=True)
+    stored["flowerdiff_config"]["data"] = {"_target_": "torch.save", "obj": 1, "f": str(marker)}
+    torch.save(stored, checkpoint)
+    cfg = evaluate_config(tmp_path, f"ckpt_path={checkpoint}", "num_samples=2")
+    with pytest.raises(CheckpointError, match="Refusing to build"):
+        evaluate(cfg)
+    assert not marker.exists()

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flowerdiff.build import resolve_precision
-from flowerdiff.checkpoint import load_checkpoint, load_module
+from flowerdiff.checkpoint import load_config, load_module
 from flowerdiff.data.cache import decode_images
 from flowerdiff.data.sources import list_folder_images
 from flowerdiff.metrics.features import to_uint8
@@ -124,9 +124,9 @@ def evaluate(cfg: DictConfig, extractor: nn.Module | None = None) -> dict[str, A
             "images_dir=<folder> (score existing images)."
         )
     device = resolve_device(str(cfg.device))
-    checkpoint_config = (
-        load_checkpoint(cfg.ckpt_path).get("flowerdiff_config", {}) if cfg.get("ckpt_path") else {}
-    )
+    # load_config refuses stored configs naming anything but flowerdiff's own classes: the
+    # `data` node is instantiated below, and a crafted one could otherwise call any function.
+    checkpoint_config = load_config(cfg.ckpt_path) if cfg.get("ckpt_path") else {}
     datamodule = instantiate(data_config(cfg, checkpoint_config))
     extractor = (extractor or instantiate(cfg.fid.feature_extractor)).eval().to(device)
 
