@@ -168,6 +168,11 @@ class Sampler:
             return x0.clamp(-1.0, 1.0)
         return x0
 
+    def _predict_x0(self, run: _Run, model_output: Tensor, x: Tensor, t_batch: Tensor) -> Tensor:
+        """The model's x0 estimate, clipped or thresholded as configured: what every step uses."""
+        x0 = run.schedule.predict_x0(model_output, x, t_batch, run.prediction_type)
+        return self._process_x0(x0)
+
     def _step(
         self, run: _Run, i: int, x: Tensor, model_output: Tensor, t_batch: Tensor
     ) -> tuple[Tensor, Tensor]:
@@ -237,9 +242,7 @@ class DDPMSampler(Sampler):
         self, run: _Run, i: int, x: Tensor, model_output: Tensor, t_batch: Tensor
     ) -> tuple[Tensor, Tensor]:
         t = run.timesteps[i]
-        x0 = self._process_x0(
-            run.schedule.predict_x0(model_output, x, t_batch, run.prediction_type)
-        )
+        x0 = self._predict_x0(run, model_output, x, t_batch)
         abar_t, abar_prev = run.abar[t], run.abar_at(i + 1, final=1.0)
         alpha = abar_t / abar_prev
         beta = 1.0 - alpha
@@ -301,7 +304,7 @@ class DDIMSampler(Sampler):
     ) -> tuple[Tensor, Tensor]:
         t = run.timesteps[i]
         schedule, ptype = run.schedule, run.prediction_type
-        x0 = self._process_x0(schedule.predict_x0(model_output, x, t_batch, ptype))
+        x0 = self._predict_x0(run, model_output, x, t_batch)
         if self.use_clipped_model_output:
             eps = schedule.predict_eps(x0, x, t_batch, "x0")
         else:
@@ -356,9 +359,7 @@ class DPMSolverSampler(Sampler):
         self, run: _Run, i: int, x: Tensor, model_output: Tensor, t_batch: Tensor
     ) -> tuple[Tensor, Tensor]:
         t = run.timesteps[i]
-        x0 = self._process_x0(
-            run.schedule.predict_x0(model_output, x, t_batch, run.prediction_type)
-        )
+        x0 = self._predict_x0(run, model_output, x, t_batch)
         abar_s, abar_next = run.abar[t], run.abar_at(i + 1, final=1.0)
         sigma_s = math.sqrt(1 - abar_s)
         alpha_n, sigma_n = math.sqrt(abar_next), math.sqrt(1 - abar_next)
