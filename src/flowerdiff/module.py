@@ -86,7 +86,9 @@ class DiffusionModule(L.LightningModule):
         images, _ = batch
         t = torch.randint(0, self.schedule.num_timesteps, (images.shape[0],), device=self.device)
         loss = self.diffusion_loss(images, torch.randn_like(images), t)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        # No sync_dist: an all-reduce on every step would stall multi-GPU training for a log
+        # line; the logged value is rank zero's loss, an unbiased estimate of the global one.
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
