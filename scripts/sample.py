@@ -11,9 +11,11 @@ os.environ.setdefault("FLOWERDIFF_ROOT", str(Path(__file__).resolve().parents[1]
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
+    from flowerdiff.errors import exit_on_user_error
     from flowerdiff.sample import sample
 
-    sample(cfg)
+    with exit_on_user_error():
+        sample(cfg)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,12 @@ os.environ.setdefault("FLOWERDIFF_ROOT", str(Path(__file__).resolve().parents[1]
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Returns the optimized metric for sweepers; a failed multirun job returns None."""
+    from flowerdiff.errors import exit_on_user_error
     from flowerdiff.sweep import run_task
     from flowerdiff.train import train
 
-    return run_task(train, cfg)
+    with exit_on_user_error():
+        return run_task(train, cfg)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig
 
 import flowerdiff.train
 from flowerdiff.checkpoint import load_checkpoint
-from flowerdiff.resume import RNGState, resolve_ckpt_path
+from flowerdiff.resume import InterruptCheckpoint, RNGState, resolve_ckpt_path
 from flowerdiff.train import train
 
 from conftest import TINY_OVERRIDES, compose_config
@@ -108,7 +108,7 @@ def test_ckpt_path_last_picks_newest_of_this_run(tmp_path: Path) -> None:
     checkpoints = tmp_path / "checkpoints"
     trainer = L.Trainer(
         default_root_dir=tmp_path,
-        callbacks=[ModelCheckpoint(dirpath=checkpoints), OnExceptionCheckpoint(checkpoints)],
+        callbacks=[ModelCheckpoint(dirpath=checkpoints), InterruptCheckpoint(str(checkpoints))],
         logger=False,
         accelerator="cpu",
     )
@@ -143,3 +143,52 @@ def test_each_ddp_rank_gets_its_own_stream_but_one_sampler_seed(
         streams.append(torch.rand(4))
     assert not torch.equal(*streams)  # different timesteps and noise on each rank
     assert os.environ["PL_GLOBAL_SEED"] == "42"  # the DistributedSampler's seed is left alone
+
+
+class CrashAfter(Callback):
+    """Raise after ``steps`` optimizer steps, as a crash or a SIGTERM would."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step >= self.steps:
+            raise RuntimeError("simulated crash")
+
+
+class FirstStep(Callback):
+    """Records the global step of the first training batch (where fit started from)."""
+
+    def __init__(self) -> None:
+        self.first: int | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if self.first is None:
+            self.first = trainer.global_step
+
+
+@pytest.mark.slow
+def test_crash_checkpoint_resumes_with_last_and_null_starts_fresh(
+    tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    instantiate = flowerdiff.train.instantiate_callbacks
+
+    def run(*extra: str, crash: bool = False) -> int | None:
+        first = FirstStep()
+        added = [first, CrashAfter(1)] if crash else [first]
+        with monkeypatch.context() as patch:
+            patch.setattr(
+                flowerdiff.train, "instantiate_callbacks", lambda c: [*instantiate(c), *added]
+            )
+            train(run_config(tmp_path, image_folder, "run", *extra))
+        return first.first
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(crash=True)
+    interrupt = tmp_path / "run" / "checkpoints" / "on_exception.ckpt"
+    assert load_checkpoint(interrupt)["global_step"] == 1
+    assert run("ckpt_path=last") == 1  # continues from the crash checkpoint
+    assert not interrupt.exists()  # a normal end removes the stale interrupt checkpoint
+    # ckpt_path=null is a fresh start even with checkpoints in the folder (Lightning's own
+    # OnExceptionCheckpoint would silently resume last.ckpt here).
+    assert run() == 0

@@ -10,6 +10,7 @@ never stopped.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -103,21 +104,34 @@ class RNGState(Callback):
             seed_rngs(base + self._rank)
 
 
-class InterruptCheckpoint(OnExceptionCheckpoint):
-    """Lightning's on-exception checkpoint, written only once training has taken a step.
+class InterruptCheckpoint(Checkpoint):
+    """A checkpoint written when training is interrupted, once it has taken a step.
 
     It catches SIGTERM preemption (Lightning turns it into an exception at the next batch), a
     crash or Ctrl-C. An error before the first step (a bad path, a bad config) writes nothing:
     there is nothing to resume, and the original error must stay the one the user sees.
+
+    Not Lightning's ``OnExceptionCheckpoint``: with one of those in the trainer, Lightning turns
+    ``fit(ckpt_path=None)`` into ``"last"`` and silently resumes whatever ``last.ckpt`` the
+    checkpoint folder holds (e.g. a re-run multirun job). Here ``ckpt_path=null`` means a fresh
+    start and ``ckpt_path=last`` resumes (:func:`resolve_ckpt_path`).
     """
+
+    def __init__(self, dirpath: str, filename: str = "on_exception") -> None:
+        self.ckpt_path = os.path.join(dirpath, f"{filename}.ckpt")
 
     def on_exception(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         if trainer.global_step == 0:
             return
         try:
-            super().on_exception(trainer, *args, **kwargs)
+            trainer.save_checkpoint(self.ckpt_path)
         except Exception as error:  # never mask the exception that stopped training
             log.warning("Could not write the on-exception checkpoint %s: %s", self.ckpt_path, error)
+
+    def teardown(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        """Lightning calls callback teardown only when fit ends normally: then last.ckpt is
+        newer and the interrupt checkpoint is stale."""
+        trainer.strategy.remove_checkpoint(self.ckpt_path)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, trainer: L.Trainer) -> str | None:
@@ -142,7 +156,7 @@ def resolve_ckpt_path(ckpt_path: str | None, trainer: L.Trainer) -> str | None:
     for callback in trainer.callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
             candidates.append(Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}.ckpt")
-        elif isinstance(callback, OnExceptionCheckpoint):
+        elif isinstance(callback, InterruptCheckpoint):
             candidates.append(Path(callback.ckpt_path))
     existing = [path for path in candidates if path.is_file()]
     if not existing:
