@@ -31,3 +31,31 @@ def test_train_writes_checkpoint_and_metrics_then_samples(tiny_config, tmp_path:
     assert len(out.intermediates) == cfg.sampler.num_inference_steps
     again = module.sample(3, seed=7)
     assert torch.equal(out.images, again.images)
+
+
+def test_train_script_prints_a_user_error_without_a_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    missing = tmp_path / "no-such-folder"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/train.py",
+            "data=folder",
+            f"data.root={missing}",
+            "model=unet_tiny",
+            "logger=csv",
+            f"paths.root_dir={tmp_path}",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert f"Error: data.root='{missing}' is not a directory" in result.stderr
+    assert "Traceback" not in result.stderr
