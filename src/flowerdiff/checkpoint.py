@@ -85,6 +85,13 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> D
         from flowerdiff.export import load_export  # flowerdiff.export imports this module
 
         return load_export(path, map_location)
+    return load_training_checkpoint(path, map_location)[0]
+
+
+def load_training_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[DiffusionModule, dict[str, Any]]:
+    """The module a training checkpoint rebuilds (in eval mode), and the raw checkpoint."""
     checkpoint = load_checkpoint(path, map_location)
     config = checkpoint.get("flowerdiff_config")
     if not config or "state_dict" not in checkpoint:
@@ -94,4 +101,4 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> D
         )
     module = build_trusted_module(config, path)
     module.load_state_dict(checkpoint["state_dict"])
-    return module.eval().to(map_location)
+    return module.eval().to(map_location), checkpoint

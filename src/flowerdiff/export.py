@@ -21,7 +21,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from flowerdiff.checkpoint import CheckpointError, build_trusted_module, load_checkpoint
+from flowerdiff.checkpoint import CheckpointError, build_trusted_module, load_training_checkpoint
 from flowerdiff.checkpoint_io import atomic_write
 from flowerdiff.module import DiffusionModule
 
@@ -35,15 +35,8 @@ EXPORTED_GROUPS = ("model", "scheduler", "sampler", "data")
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     """Write ``out_dir/model.safetensors`` and ``out_dir/config.yaml``; return ``out_dir``."""
-    checkpoint = load_checkpoint(ckpt_path)
-    stored = checkpoint.get("flowerdiff_config")
-    if not stored or "state_dict" not in checkpoint:
-        raise CheckpointError(
-            f"{str(ckpt_path)!r} is not a flowerdiff training checkpoint (no 'flowerdiff_config' "
-            "or 'state_dict' inside). Export a checkpoint written by scripts/train.py."
-        )
-    module = build_trusted_module(stored, ckpt_path)
-    module.load_state_dict(checkpoint["state_dict"])
+    module, checkpoint = load_training_checkpoint(ckpt_path)
+    stored = checkpoint["flowerdiff_config"]
     config: dict[str, Any] = {key: stored[key] for key in EXPORTED_GROUPS if key in stored}
     config.setdefault("data", {"image_size": module.image_shape[-1]})
     ema = "current_model_state" in checkpoint  # EMAWeightAveraging moved the raw weights there
