@@ -1,0 +1,163 @@
+"""scripts/race.py's harness end to end on a tiny budget: both sides train side by side for the
+same wall clock, snapshots are written at their moments and scored, and the table, the JSON and
+the plot land in the run directory; and the config checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig, open_dict
+from torch import Tensor, nn
+
+from flowerdiff.infra.config import ConfigError
+from flowerdiff.tasks.race import Clock, format_table, peer_width, resolve_config, run_race
+
+from conftest import compose_config, write_images
+
+HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
+TESTS = Path(__file__).resolve().parent
+BUDGET_S = 3.0
+
+
+class TinyFeatures(nn.Module):
+    """A fixed random conv net standing in for Inception (the side processes import it)."""
+
+    num_features = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=generator))
+            self.conv.bias.zero_()
+
+    def forward(self, images: Tensor) -> Tensor:
+        return torch.tanh(self.conv(images.float() / 127.5 - 1)).mean(dim=(2, 3))
+
+
+def race_config(tmp_path: Path, *extra: str) -> DictConfig:
+    folder = write_images(tmp_path / "images", count=24, size=32)
+    cfg = compose_config(
+        [
+            f"data.root={folder}",
+            f"paths.root_dir={tmp_path}",
+            f"budget_minutes={BUDGET_S / 60}",
+            "snapshots=2",
+            "num_samples=6",
+            "sample_batch_size=4",
+            "feature_batch_size=4",
+            "probe_steps=1",
+            "sample_grid=4",
+            "model=unet_tiny",
+            "diffusion=ddpm",
+            "sampler=ddim",
+            "sampler.num_inference_steps=2",
+            "data.batch_size=4",
+            "lr_scheduler.warmup_steps=2",
+            "peer.width=0.0625",  # block_out_channels (8, 8, 16, 16, 32, 32)
+            "peer.batch_size=4",
+            "peer.lr_warmup_steps=2",
+            "peer.num_inference_steps=3",
+            *extra,
+        ],
+        config_name="race",
+        output_dir=tmp_path / "run",
+    )
+    with open_dict(cfg):
+        cfg.feature_extractor = {"_target_": "test_race.TinyFeatures"}
+    return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers (the bench extra) is not installed")
+def test_race_end_to_end_on_a_tiny_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The side processes import TinyFeatures from this folder.
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    )
+    report = run_race(race_config(tmp_path))
+    run = tmp_path / "run"
+    assert json.loads((run / "race.json").read_text()) == report
+    assert (run / "race.png").stat().st_size > 0
+    for side in ("ours", "peer"):
+        result = report[side]
+        assert result["steps"] > 0 and result["images_seen"] == result["steps"] * 4
+        # The budget is honoured: training stopped at the first step past it.
+        assert BUDGET_S <= result["train_s"] < BUDGET_S + 2 * max(result["probe_step_s"], 0.5)
+        assert result["images_per_s"] > 0 and result["train_flops_per_image"] > 0
+        assert result["lr_horizon"] >= 1
+        records = result["snapshots"]
+        assert [r["index"] for r in records] == [0, 1]
+        for k, record in enumerate(records):
+            assert record["elapsed_s"] >= BUDGET_S * (k + 1) / 2
+            assert Path(record["path"]).is_file() and Path(record["features"]).is_file()
+            assert (run / "race" / side / f"samples_{k}.png").is_file()
+            assert record["fid"] >= 0 and "kid_mean" in record
+        assert records[-1]["steps"] == result["steps"]
+        assert records[0]["steps"] <= records[1]["steps"]
+    # Each side sampled with its own sampler and step count.
+    assert report["ours"]["snapshots"][0]["nfe"] == 2
+    assert report["ours"]["snapshots"][0]["sampler"] == "ddim-2"
+    assert report["peer"]["snapshots"][0]["nfe"] == 3
+    assert report["peer"]["snapshots"][0]["sampler"] == "ddim-3"
+    assert report["peer"]["block_out_channels"] == [8, 8, 16, 16, 32, 32]
+    # The EMA snapshot of ours is the EMA callback's network, not the raw one.
+    snapshot = torch.load(report["ours"]["snapshots"][0]["path"], weights_only=True)
+    assert snapshot["weights"] == "ema"
+    assert snapshot["steps"] == report["ours"]["snapshots"][0]["steps"]
+    table = format_table(report)
+    assert "| flowerdiff |" in table and "diffusers x0.0625" in table
+    assert table.count("\n| 1 |") == 1 and table.count("\n| 2 |") == 1
+
+    # Re-scoring the same snapshots with more samples trains nothing.
+    written = {p: p.stat().st_mtime_ns for p in (run / "race").glob("*/snapshots/*.pt")}
+    again = run_race(race_config(tmp_path, "evaluate_only=true", "num_samples=8"))
+    assert {p: p.stat().st_mtime_ns for p in written} == written
+    for side in ("ours", "peer"):
+        assert again[side]["steps"] == report[side]["steps"]
+        assert again[side]["snapshots"][1]["elapsed_s"] == report[side]["snapshots"][1]["elapsed_s"]
+    assert again["num_samples"] == 8 and again["budget_minutes"] == report["budget_minutes"]
+
+
+def test_clock_saves_due_snapshots_and_stops_at_the_budget() -> None:
+    saved: list[int] = []
+    clock = Clock(10.0, 4, lambda r: saved.append(r["index"]) or Path(f"s{r['index']}"))
+    clock.begin()
+    clock.start -= 5.1  # 5.1 s have passed: the snapshots at 2.5 s and 5 s are due
+    assert clock.tick(8) and saved == [0, 1]
+    clock.start -= 10  # past the end: the rest are written, and the budget is spent
+    assert not clock.tick(8) and saved == [0, 1, 2, 3]
+    assert [r["steps"] for r in clock.records] == [1, 1, 2, 2]
+    assert [r["images"] for r in clock.records] == [8, 8, 16, 16]
+
+
+def test_bad_settings_are_reported_together(tmp_path: Path) -> None:
+    cfg = race_config(tmp_path, "image_size=48", "snapshots=0", "peer.sampler=euler")
+    with pytest.raises(ConfigError) as error:
+        resolve_config(cfg)
+    message = str(error.value)
+    assert "3 problems" in message
+    assert "`image_size=48`" in message and "`snapshots=0`" in message
+    assert "`peer.sampler='euler'`" in message
+
+
+def test_missing_data_folder_names_the_key(tmp_path: Path) -> None:
+    cfg = race_config(tmp_path, "data.root=null")  # no ../shared beside tmp_path
+    with pytest.raises(ConfigError, match=r"`data\.root` is null"):
+        resolve_config(cfg)
+
+
+@pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers (the bench extra) is not installed")
+def test_auto_peer_width_matches_our_parameter_count(tmp_path: Path) -> None:
+    cfg = race_config(tmp_path, "peer.width=auto")
+    # x0.125 = (16, 16, 32, 32, 64, 64): 1.79M parameters at 32x32, the issue's peer.
+    assert peer_width(cfg, 1_800_000) == 0.125
+    assert peer_width(cfg, 2_764_259) == 0.125  # unet_cpu: 1.79M is nearer than x0.1875's 4.0M
+    assert peer_width(cfg, 4_000_000) == 0.1875
+    assert peer_width(race_config(tmp_path, "peer.width=0.5"), 1) == 0.5
