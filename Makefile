@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 FID_CACHE ?= $(or $(FLOWERDIFF_FID_CACHE),$(HOME)/.cache/flowerdiff/fid)
 
-.PHONY: install train test test-fast lint format fid-weights benchmark clean
+.PHONY: install train test test-fast lint format fid-weights benchmark browser clean
 
 install: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -e ".[dev,sweep,bench,slurm]"
+	$(PY) -m pip install -e ".[dev,sweep,bench,slurm,explore]"
 	touch $(STAMP)
 
 train: install fid-weights
@@ -22,7 +22,7 @@ train: install fid-weights
 
 # Tests use tiny tensors: one BLAS/OpenMP thread per process is faster, and the DDP tests'
 # two processes do not oversubscribe a 2-core machine.
-test: install fid-weights
+test: install fid-weights browser
 	OMP_NUM_THREADS=1 $(PY) -m pytest $(ARGS)
 
 test-fast: install
@@ -35,6 +35,15 @@ lint: install
 format: install
 	$(PY) -m ruff check --fix src scripts tests
 	$(PY) -m ruff format src scripts tests
+
+# The browser tests (tests/test_explore.py) drive Debian's Chromium with Playwright (the dev
+# extra); `playwright install` is never used. Installing chromium needs root, as CI has;
+# without it the browser tests skip and say why.
+browser: install
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium; \
+	else echo "make browser: /usr/bin/chromium is missing and installing it needs root" \
+		"(sudo apt-get install -y chromium); the browser tests will skip."; fi
 
 fid-weights: install
 	$(PY) -m flowerdiff.metrics.weights --cache-dir $(FID_CACHE)

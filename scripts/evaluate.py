@@ -11,11 +11,14 @@ os.environ.setdefault("FLOWERDIFF_ROOT", str(Path(__file__).resolve().parents[1]
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
-    from flowerdiff.errors import exit_on_user_error
-    from flowerdiff.evaluate import evaluate
+    from flowerdiff.infra.errors import exit_on_user_error
+    from flowerdiff.tasks.evaluate import evaluate
 
     with exit_on_user_error():
-        return evaluate(cfg)["fid"]
+        result = evaluate(cfg)
+    # A sweeper's objective; a guidance sweep (guidance_scale=[...]) returns its best FID.
+    runs = result.get("guidance_sweep", [result])
+    return min(run["fid"] for run in runs)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ log = logging.getLogger(__name__)
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
-    from flowerdiff.errors import exit_on_user_error
-    from flowerdiff.export import export_checkpoint
+    from flowerdiff.infra.errors import exit_on_user_error
+    from flowerdiff.tasks.export import export
 
     with exit_on_user_error():
-        out_dir = export_checkpoint(cfg.ckpt_path, cfg.out_dir)
+        out_dir = export(cfg)
     log.info("Exported %s to %s (model.safetensors + config.yaml)", cfg.ckpt_path, out_dir)
 
 

@@ -6,7 +6,7 @@ Usage: `python scripts/summarize_sweep.py outputs/train/multiruns/2026-01-01_12-
 import argparse
 from pathlib import Path
 
-from flowerdiff.sweep import load_jobs, print_summary, write_summary
+from flowerdiff.tasks.sweep import load_jobs, print_summary, write_summary
 
 
 def main() -> None:

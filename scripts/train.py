@@ -15,11 +15,12 @@ os.environ.setdefault("FLOWERDIFF_ROOT", str(Path(__file__).resolve().parents[1]
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Returns the optimized metric for sweepers; a failed multirun job returns None."""
-    from flowerdiff.errors import exit_on_user_error
-    from flowerdiff.sweep import run_task
-    from flowerdiff.train import train
+    from flowerdiff.infra.errors import exit_on_user_error
+    from flowerdiff.infra.rundir import run_directory_lock
+    from flowerdiff.tasks.sweep import run_task
+    from flowerdiff.tasks.train import train
 
-    with exit_on_user_error():
+    with exit_on_user_error(), run_directory_lock(cfg.paths.output_dir):
         return run_task(train, cfg)
 
 

@@ -90,3 +90,65 @@ def tiny_config(tmp_path: Path, image_folder: Path) -> Callable[..., DictConfig]
         return compose_config(overrides, config_name, output_dir=tmp_path / "run")
 
     return make
+
+
+@pytest.fixture
+def tiny_checkpoint(tiny_config, tmp_path: Path) -> Path:
+    """A real checkpoint of the tiny config as training lays it out (the module's state dict and
+    its ModelSpec), with untrained weights: ``tmp_path/run/checkpoints/last.ckpt``."""
+    import torch
+
+    from flowerdiff.infra.config import build_module
+
+    module = build_module(tiny_config())
+    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": module.state_dict(), "flowerdiff": module.spec.to_dict()}, path)
+    return path
+
+
+@pytest.fixture
+def forbidden_extractor():
+    """A feature extractor that fails the test if it is ever called: for checks that must
+    happen before any (reference) features are computed."""
+    from torch import nn
+
+    class ForbiddenFeatures(nn.Module):
+        def forward(self, images):
+            raise AssertionError("features were computed before the input was checked")
+
+    return ForbiddenFeatures()
+
+
+def can_write_in(folder: Path) -> bool:
+    """Try it: create ``folder`` and a file in it (and remove what was created)."""
+    import shutil
+    import tempfile
+
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+    finally:
+        if missing:
+            shutil.rmtree(missing[-1], ignore_errors=True)
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path: Path):
+    """A folder path that cannot be created or written: below a read-only folder, or, as root
+    (who ignores permissions), below /sys, where even root may not create folders. Skips when
+    this machine has neither."""
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    try:
+        for candidate in (read_only / "out", Path("/sys/flowerdiff-test/out")):
+            if not can_write_in(candidate):
+                yield candidate
+                return
+        pytest.skip("no folder on this machine refuses writes to this user")
+    finally:
+        read_only.chmod(0o755)  # so that pytest can clean tmp_path up

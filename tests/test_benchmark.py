@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flowerdiff.benchmark import format_table, run_benchmark
+from flowerdiff.tasks.benchmark import format_table, run_benchmark
 
 from conftest import compose_config
 
@@ -64,10 +64,38 @@ def test_benchmark_produces_every_figure(tmp_path: Path) -> None:
 
 def test_peer_is_the_flowers_configuration_scaled() -> None:
     pytest.importorskip("diffusers")
-    from flowerdiff.benchmark import peer_unet
+    from flowerdiff.tasks.benchmark import peer_unet
 
     full = peer_unet(64, 1.0)
     assert tuple(full.config.block_out_channels) == (128, 128, 256, 256, 512, 512)
     assert full.config.down_block_types[4] == "AttnDownBlock2D"
     assert full.config.layers_per_block == 2
     assert tuple(peer_unet(64, 0.125).config.block_out_channels) == (16, 16, 32, 32, 64, 64)
+
+
+@pytest.mark.slow
+def test_benchmark_runs_edm_with_its_own_sampler(tmp_path: Path) -> None:
+    """EDM has no discrete schedule for diffusers' DDIMPipeline: our sampler is timed alone."""
+    cfg = compose_config(
+        [
+            "model=unet_tiny",
+            "diffusion=edm",
+            "sampler=heun",
+            "sampler.num_inference_steps=2",
+            "image_size=32",  # the peer's 6 levels halve 5 times
+            "batch_size=2",
+            "warmup_steps=1",
+            "steps=2",
+            "matmul_size=64",
+            "threads=1",
+            f"peer={HAS_DIFFUSERS}",
+            f"paths.root_dir={tmp_path}",
+        ],
+        config_name="benchmark",
+        output_dir=tmp_path / "run",
+    )
+    report = run_benchmark(cfg)
+    assert set(report["sampling_images_per_s"]) == {"ours"}
+    assert positive(report["sampling_images_per_s"]["ours"])
+    assert positive(report["lightning"]["images_per_s"]) and positive(report["plain"]["mfu"])
+    assert "| heun-2 sampling |" in format_table(report)

@@ -1,4 +1,5 @@
-"""FlowersDataModule: sources, the decoded cache, odd images, the split and on-device transforms."""
+"""FlowersDataModule: sources, the decoded cache, odd images, the split, on-device transforms,
+and labels (CSV, class sub-folders, Flowers102) with their error messages."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from flowerdiff.data import DataSourceError, FlowersDataModule
 from flowerdiff.data import cache as cache_module
@@ -51,6 +53,22 @@ def test_decoded_images_are_cached_and_reused(tmp_path: Path, monkeypatch) -> No
     dm = make_dm(tmp_path / "imgs", tmp_path)
     dm.setup()
     assert len(dm.images) == 6
+
+
+def test_without_a_cache_the_images_are_decoded_once(tmp_path: Path, monkeypatch) -> None:
+    write_images(tmp_path / "imgs", 6)
+    decoded = []
+    decode = cache_module.decode_images
+
+    def counting(files, image_size):
+        decoded.append(len(files))
+        return decode(files, image_size)
+
+    monkeypatch.setattr(cache_module, "decode_images", counting)
+    dm = make_dm(tmp_path / "imgs", tmp_path, cache_dir=None)
+    dm.prepare_data()  # what Lightning calls first, then setup
+    dm.setup("fit")
+    assert decoded == [6] and len(dm.images) == 6
 
 
 def test_cache_is_rebuilt_when_the_folder_changes(tmp_path: Path) -> None:
@@ -136,7 +154,7 @@ def test_flowers102_without_network_names_the_fix(tmp_path: Path, monkeypatch) -
 
 
 def test_unknown_source_is_rejected() -> None:
-    with pytest.raises(ValueError, match=r"data.source='imagenet'.*'folder'.*'flowers102'"):
+    with pytest.raises(ValueError, match=r"data\.source='imagenet'.*'flowers102', 'folder'"):
         FlowersDataModule(source="imagenet")
 
 
@@ -170,3 +188,283 @@ def test_real_flower_folder_loads(tmp_path: Path) -> None:
     dm.setup()
     assert dm.images.shape == (64, 3, 32, 32)
     assert 40 < dm.images.float().mean() < 200
+
+
+# -- labels (class-conditional training) ------------------------------------------------------
+def write_coloured(folder: Path, names_and_labels: list[tuple[str, int]], size: int = 8) -> Path:
+    """One flat-coloured PNG per ``(relative name, label)``: its red channel is ``40 * label +
+    10``, so a decoded image tells which label it must carry."""
+    for name, label in names_and_labels:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (size, size), (40 * label + 10, 100, 100)).save(path)
+    return folder
+
+
+def label_of_pixels(image: torch.Tensor) -> int:
+    return round((float(image[0].float().mean()) - 10) / 40)
+
+
+def write_csv(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_labels_csv_one_based_batches_are_image_index_label(tmp_path: Path) -> None:
+    pairs = [(f"img_{k:02d}.png", k % 4) for k in range(12)]
+    folder = write_coloured(tmp_path / "imgs", pairs)
+    # 1-based in the file, as Oxford's official ids: the smallest label is 1.
+    write_csv(folder / "labels.csv", "file,label\n" + "".join(f"{n},{c + 1}\n" for n, c in pairs))
+    dm = make_dm(folder, tmp_path, labels=True, val_fraction=0.25)
+    dm.check(4)
+    dm.setup("fit")
+    assert dm.labels.tolist() == [c for _, c in pairs]
+    for dataset in (dm.train_set, dm.val_set):
+        image, index, label = dataset[0]
+        assert isinstance(index, torch.Tensor) and label.dtype == torch.long
+        assert label_of_pixels(image) == int(label) == pairs[int(index)][1]
+    batch = next(iter(DataLoader(dm.train_set, batch_size=4)))
+    assert len(batch) == 3
+    images, indices, labels = batch
+    assert [label_of_pixels(x) for x in images] == labels.tolist()
+    assert labels.tolist() == [pairs[i][1] for i in indices.tolist()]
+
+
+def test_labels_csv_zero_based_and_nested_paths(tmp_path: Path) -> None:
+    pairs = [("a/one.png", 0), ("a/two.png", 2), ("b/three.png", 1), ("four.png", 2)]
+    folder = write_coloured(tmp_path / "imgs", pairs)
+    rows = "".join(f"{n},{c}\n" for n, c in reversed(pairs))  # any order, blank lines ignored
+    write_csv(folder / "labels.csv", f"file,label\n{rows}\n")
+    dm = make_dm(folder, tmp_path, labels=True, val_fraction=0.0, batch_size=1)
+    dm.check(3)
+    dm.setup()
+    by_file = dict(pairs)
+    files = dm.image_files()  # sorted: a/one, a/two, b/three, four
+    assert dm.labels.tolist() == [by_file[p.relative_to(folder).as_posix()] for p in files]
+    assert [label_of_pixels(x) for x in dm.images] == dm.labels.tolist()
+
+
+def test_class_subfolders_label_as_image_folder(tmp_path: Path) -> None:
+    from torchvision.datasets import ImageFolder
+
+    pairs = [(f"{cls}/{k}.png", c) for c, cls in enumerate(["daisy", "iris", "rose"]) for k in "ab"]
+    pairs.append(("iris/deeper/c.png", 1))  # nested below its class folder: still that class
+    folder = write_coloured(tmp_path / "imgs", pairs)
+    dm = make_dm(folder, tmp_path, labels=True, val_fraction=0.0, batch_size=1)
+    dm.check(3)
+    dm.setup()
+    reference = ImageFolder(str(folder))
+    assert [Path(p) for p, _ in reference.samples] == dm.image_files()
+    assert dm.labels.tolist() == reference.targets
+    assert [label_of_pixels(x) for x in dm.images] == reference.targets
+
+
+def write_flowers102(root: Path, labels: list[int], splits: dict[str, list[int]]) -> Path:
+    """The layout torchvision's Flowers102 reads: flowers-102/jpg/image_NNNNN.jpg with the
+    official 1-based ``imagelabels.mat`` and ``setid.mat``."""
+    from scipy.io import savemat
+
+    base = root / "flowers-102"
+    pairs = [(f"jpg/image_{i + 1:05d}.jpg", label - 1) for i, label in enumerate(labels)]
+    write_coloured(base, pairs)
+    savemat(base / "imagelabels.mat", {"labels": np.array(labels)})
+    savemat(base / "setid.mat", {key: np.array(ids) for key, ids in splits.items()})
+    return root
+
+
+def test_flowers102_source_gives_torchvisions_zero_based_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchvision.datasets import Flowers102
+
+    # The archive's checksums cannot match these files; everything else is torchvision's own.
+    monkeypatch.setattr(Flowers102, "_check_integrity", lambda self: True)
+    official = [3, 1, 2, 3, 1, 2]  # 1-based class ids of image_00001 .. image_00006
+    splits = {"trnid": [5, 1], "valid": [3, 6], "tstid": [2, 4]}
+    root = write_flowers102(tmp_path / "flowers", official, splits)
+    dm = FlowersDataModule(
+        source="flowers102",
+        root=str(root),
+        download=False,
+        image_size=8,
+        batch_size=2,
+        val_fraction=0.0,
+        labels=True,
+        cache_dir=None,
+    )
+    dm.check(3)  # a download source is checked when it loads
+    dm.setup()
+    assert [p.name for p in dm.image_files()] == [f"image_{i:05d}.jpg" for i in range(1, 7)]
+    assert dm.labels.tolist() == [label - 1 for label in official]
+    assert [label_of_pixels(x) for x in dm.images] == dm.labels.tolist()
+
+    too_few = FlowersDataModule(
+        source="flowers102", root=str(root), download=False, image_size=8, labels=True
+    )
+    too_few.check(2)
+    with pytest.raises(DataSourceError) as error:
+        too_few.setup()
+    message = str(error.value)
+    assert "image_00001.jpg" in message and "label 2" in message
+    assert "model.net.num_classes=2" in message and "\n" not in message
+
+
+def test_class_names_file(tmp_path: Path) -> None:
+    folder = write_coloured(tmp_path / "imgs", [("a/x.png", 0), ("b/y.png", 1)])
+    names = tmp_path / "names.txt"
+    names.write_text("pink primrose\n\nhard-leaved pocket orchid\n")
+    dm = make_dm(folder, tmp_path, labels=True, class_names=str(names))
+    assert dm.class_names() == ["pink primrose", "hard-leaved pocket orchid"]
+    dm.check(2)
+    with pytest.raises(DataSourceError, match=r"names\.txt.*lists 2 names.*num_classes=3"):
+        dm.check(3)
+    missing = make_dm(folder, tmp_path, labels=True, class_names=str(tmp_path / "nope.txt"))
+    with pytest.raises(DataSourceError, match=r"data\.class_names=.*nope\.txt.*cannot be read"):
+        missing.check(2)
+    assert make_dm(folder, tmp_path, labels=True).class_names() is None
+
+
+def one_paragraph(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message.strip(), message
+    return message
+
+
+def test_missing_labels_file_names_the_folder_and_an_image(tmp_path: Path) -> None:
+    folder = write_coloured(tmp_path / "imgs", [("x.png", 0), ("y.png", 1)])
+    dm = make_dm(folder, tmp_path, labels=True)
+    with pytest.raises(DataSourceError) as error:
+        dm.check(2)
+    message = one_paragraph(error)
+    assert "labels.csv" in message and str(folder / "x.png") in message
+    assert "and 1 more" in message and "sub-folder" in message
+
+
+def test_label_out_of_range_names_the_file_and_the_line(tmp_path: Path) -> None:
+    folder = write_coloured(tmp_path / "imgs", [("x.png", 0), ("y.png", 1), ("z.png", 2)])
+    write_csv(folder / "labels.csv", "file,label\nx.png,0\ny.png,5\nz.png,7\n")
+    dm = make_dm(folder, tmp_path, labels=True)
+    dm.check(8)
+    with pytest.raises(DataSourceError) as error:
+        dm.check(5)
+    message = one_paragraph(error)
+    assert f"{folder / 'labels.csv'}, line 3: label 5" in message  # the first bad line
+    assert "model.net.num_classes=5" in message and "at least 6" in message
+    # The same check guards the decoded set (setup runs it on the readable files).
+    with pytest.raises(DataSourceError, match=r"line 3: label 5"):
+        dm.setup()
+
+    subfolders = write_coloured(tmp_path / "sub", [("a/1.png", 0), ("b/1.png", 1), ("c/1.png", 2)])
+    with pytest.raises(DataSourceError) as error:
+        make_dm(subfolders, tmp_path, labels=True).check(2)
+    message = one_paragraph(error)
+    assert str(subfolders / "c" / "1.png") in message and "class folder 'c'" in message
+    assert "model.net.num_classes=3" in message
+
+
+def test_file_without_a_label_is_named(tmp_path: Path) -> None:
+    folder = write_coloured(tmp_path / "imgs", [("x.png", 0), ("sub/y.png", 1)])
+    write_csv(folder / "labels.csv", "file,label\nx.png,0\n")
+    with pytest.raises(DataSourceError) as error:
+        make_dm(folder, tmp_path, labels=True).check(2)
+    message = one_paragraph(error)
+    assert "labels.csv has no label for 'sub/y.png'" in message and "sub/y.png,<label>" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "why"),
+    [
+        ("file,label\nx.png,0\ny.png\n", 3, "is not `file,label`"),
+        ("file,label\nx.png,0\ny.png,one\n", 3, "is not `file,label`"),
+        ("file,label\nx.png,1\ny.png,0,extra\n", 3, "is not `file,label`"),
+        ("file,label\nx.png,0\nx.png,1\ny.png,1\n", 3, "already has a label on line 2"),
+        ("file,label\nx.png,-1\ny.png,1\n", 2, "is negative"),
+    ],
+    ids=["no-label", "not-an-integer", "three-fields", "twice", "negative"],
+)
+def test_malformed_csv_line_is_named(tmp_path: Path, text: str, line: int, why: str) -> None:
+    folder = write_coloured(tmp_path / "imgs", [("x.png", 0), ("y.png", 1)])
+    write_csv(folder / "labels.csv", text)
+    with pytest.raises(DataSourceError) as error:
+        make_dm(folder, tmp_path, labels=True).check(2)
+    message = one_paragraph(error)
+    assert f"labels.csv, line {line}" in message and why in message
+
+
+def test_csv_without_header_and_with_a_byte_order_mark(tmp_path: Path) -> None:
+    folder = write_coloured(tmp_path / "imgs", [("x.png", 0), ("y.png", 1)])
+    (folder / "labels.csv").write_text("\ufeffx.png,0\ny.png,1\n", encoding="utf-8")
+    dm = make_dm(folder, tmp_path, labels=True)
+    dm.check(2)
+    assert dm.file_labels() == [0, 1]
+
+
+def test_labels_and_network_must_agree(tmp_path: Path) -> None:
+    folder = write_coloured(tmp_path / "imgs", [("a/x.png", 0), ("b/y.png", 1)])
+    with pytest.raises(DataSourceError, match=r"data\.labels=true.*num_classes=null"):
+        make_dm(folder, tmp_path, labels=True).check(None)
+    with pytest.raises(DataSourceError, match=r"num_classes=2, but data\.labels=false"):
+        make_dm(folder, tmp_path).check(2)
+    make_dm(folder, tmp_path).check(None)  # unconditional: no labels needed or read
+
+
+def test_corrupt_images_are_skipped_and_labels_stay_aligned(tmp_path: Path) -> None:
+    pairs = [(f"img_{k}.png", k % 3) for k in range(6)]
+    folder = write_coloured(tmp_path / "imgs", pairs)
+    (folder / "img_2b.png").write_bytes(b"no PNG at all")  # sorts between img_2 and img_3
+    good = (folder / "img_4.png").read_bytes()
+    (folder / "img_0a.png").write_bytes(good[: len(good) // 2])  # truncated
+    rows = [*pairs, ("img_2b.png", 1), ("img_0a.png", 2)]
+    write_csv(folder / "labels.csv", "file,label\n" + "".join(f"{n},{c}\n" for n, c in rows))
+    dm = make_dm(folder, tmp_path, labels=True, val_fraction=0.0, batch_size=2)
+    dm.check(3)
+    with pytest.warns(UserWarning, match=r"Skipped 2 of 8 files"):
+        dm.setup()
+    assert dm.labels.tolist() == [c for _, c in pairs]
+    assert [label_of_pixels(x) for x in dm.images] == dm.labels.tolist()
+    # From the disk cache the same: labels follow the cached list of unreadable files.
+    again = make_dm(folder, tmp_path, labels=True, val_fraction=0.0, batch_size=2)
+    again.check(3)
+    with pytest.warns(UserWarning, match=r"Skipped 2 of 8"):
+        again.setup()
+    assert torch.equal(again.labels, dm.labels)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("max_images", 0), ("max_images", 2.5), ("image_size", 0), ("batch_size", True)],
+)
+def test_bad_numbers_raise_a_value_error_naming_the_key(
+    tmp_path: Path, key: str, value: object
+) -> None:
+    with pytest.raises(ValueError, match=rf"`data\.{key}={value!r}`"):
+        make_dm(tmp_path, tmp_path, **{key: value})
+
+
+def test_max_images_takes_the_first_files(tmp_path: Path) -> None:
+    folder = write_coloured(tmp_path / "imgs", [(f"{k}.png", k) for k in range(5)])
+    write_csv(folder / "labels.csv", "file,label\n" + "".join(f"{k}.png,{k}\n" for k in range(5)))
+    dm = make_dm(folder, tmp_path, labels=True, max_images=3, val_fraction=0.0, batch_size=1)
+    dm.check(3)  # labels 3 and 4 belong to files that are not used
+    dm.setup()
+    assert dm.labels.tolist() == [0, 1, 2] and len(dm.images) == 3
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not SHARED_FLOWERS.is_dir(), reason="../shared/data/flowers102_64 is absent")
+def test_real_shared_labels_are_oxfords_ids_minus_one() -> None:
+    """labels.csv of the shared folder: 7,370 rows, 1-based ids 1..102 read as 0..101, and the
+    same classes as the official imagelabels.mat (index = image number - 1)."""
+    from scipy.io import loadmat
+
+    dm = FlowersDataModule(source="folder", root=str(SHARED_FLOWERS), labels=True)
+    dm.check(102)
+    files = dm.image_files()
+    labels = dm.file_labels(files)
+    assert len(files) == len(labels) == 7370
+    assert min(labels) == 0 and max(labels) == 101 and len(set(labels)) == 102
+    official = loadmat(SHARED_FLOWERS / "imagelabels.mat", squeeze_me=True)["labels"]
+    numbers = [int(path.stem.split("_")[1]) for path in files]
+    assert labels == [int(official[n - 1]) - 1 for n in numbers]
+    with pytest.raises(DataSourceError, match=r"labels\.csv, line \d+: label 102 .*=101"):
+        dm.check(101)

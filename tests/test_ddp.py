@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from flowerdiff.checkpoint import load_checkpoint, load_module
+from flowerdiff.infra.checkpoints import read_checkpoint
+from flowerdiff.infra.exports import load_model
 
 from conftest import REPO_ROOT, TINY_OVERRIDES, compose_config, write_images
 
@@ -49,13 +50,13 @@ def test_ddp_two_cpu_processes_count_optimizer_steps(tmp_path: Path) -> None:
 
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_0000.ckpt", "last.ckpt"]
-    checkpoint = load_checkpoint(checkpoints / "last.ckpt")
+    checkpoint = read_checkpoint(checkpoints / "last.ckpt")
     assert checkpoint["global_step"] == 2
     assert all(s["step"] == 2 for s in checkpoint["optimizer_states"][0]["state"].values())
     # warm-up 1 step, then cosine to 0 at step 2: reached only if total_steps == 2 (per-process
     # batches or ignoring accumulation would give 4 and leave the LR at 75% of its peak).
     assert checkpoint["lr_schedulers"][0]["_last_lr"] == [0.0]
-    assert load_module(checkpoints / "last.ckpt").sample(1, seed=0).images.isfinite().all()
+    assert load_model(checkpoints / "last.ckpt").sample(1, seed=0).images.isfinite().all()
 
 
 def test_slurm_launcher_composes_with_trainer_values(

@@ -1,9 +1,11 @@
 """FID: the distance against scipy, the extractors' input rule, the reference cache, the weights
-check, and FIDCallback end to end (EMA weights sampled, whatever the callback order)."""
+check, and FIDCallback end to end: EMA weights sampled whatever the callback order, the reference
+computed at the first evaluation only, class-balanced labels for a conditional model."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -15,13 +17,15 @@ from scipy import linalg
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
 
-from flowerdiff.callbacks.fid import FIDCallback, shard
+from flowerdiff.callbacks.fid import FIDCallback
+from flowerdiff.diffusion.guidance import Guidance
 from flowerdiff.metrics import quality
 from flowerdiff.metrics.features import build_inception, resize_for_inception, to_uint8
 from flowerdiff.metrics.quality import SampleQuality, reference_features
 from flowerdiff.metrics.weights import TORCHSCRIPT_FILE, FIDWeightsError, torchscript_path
-from flowerdiff.module import DiffusionModule
-from flowerdiff.train import train
+from flowerdiff.tasks.train import train
+from flowerdiff.training.generate import balanced_labels, shard
+from flowerdiff.training.module import DiffusionModule
 
 from conftest import SHARED_FLOWERS, TINY_OVERRIDES, compose_config
 
@@ -42,6 +46,16 @@ class TinyFeatures(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         x = images.float() / 127.5 - 1
         return torch.tanh(self.conv(x)).mean(dim=(2, 3))
+
+
+class CountingFeatures(TinyFeatures):
+    """TinyFeatures that records the batch size of every call (on the class: Hydra builds it)."""
+
+    calls: ClassVar[list[int]] = []
+
+    def forward(self, images: Tensor) -> Tensor:
+        CountingFeatures.calls.append(len(images))
+        return super().forward(images)
 
 
 def scipy_fid(x: np.ndarray, y: np.ndarray) -> float:
@@ -127,10 +141,17 @@ def test_reference_cache_hit_does_not_recompute(tmp_path: Path, monkeypatch) -> 
 
 
 def fid_config(
-    tmp_path: Path, image_folder: Path, *extra: str, fid_first: bool = False
+    tmp_path: Path,
+    image_folder: Path,
+    *extra: str,
+    fid_first: bool = False,
+    monitor: bool = True,
+    extractor: str = "test_fid.TinyFeatures",
+    run: str = "run",
 ) -> DictConfig:
-    """The tiny training config with the real `fid` callback config and TinyFeatures."""
+    """The tiny training config with the real `fid` callback config and a small extractor."""
     overrides = [o for o in TINY_OVERRIDES if o != "~callbacks.fid"]
+    watch = ["callbacks.model_checkpoint.monitor=val/fid", "+callbacks.model_checkpoint.mode=min"]
     cfg = compose_config(
         [
             *overrides,
@@ -140,14 +161,13 @@ def fid_config(
             "callbacks.fid.batch_size=4",
             "callbacks.fid.every_n_epochs=1",
             "callbacks.fid.num_inference_steps=2",
-            "callbacks.model_checkpoint.monitor=val/fid",
-            "+callbacks.model_checkpoint.mode=min",
+            *(watch if monitor else []),
             *extra,
         ],
-        output_dir=tmp_path / "run",
+        output_dir=tmp_path / run,
     )
     with open_dict(cfg):
-        cfg.callbacks.fid.feature_extractor = {"_target_": "test_fid.TinyFeatures"}
+        cfg.callbacks.fid.feature_extractor = {"_target_": extractor}
         # Only what this test is about; callbacks run in config order (FID before or after EMA).
         items = OmegaConf.to_container(cfg.callbacks)
         order = (
@@ -195,6 +215,70 @@ def test_callback_samples_ema_weights_and_logs_fid(
     # ... and not the raw training weights, which sat in the EMA callback during the window.
     assert not torch.allclose(seen[0]["sampled"], seen[0]["swapped_out"])
     assert (tmp_path / "data" / "cache" / "fid").is_dir()
+
+
+@pytest.mark.slow
+def test_reference_is_computed_at_the_first_evaluation_and_cached(
+    tmp_path: Path, image_folder: Path
+) -> None:
+    """A run that never evaluates never extracts a real feature; the first evaluation extracts
+    all 16 images once (not again at the second); the next run reads them from the cache."""
+    cache = tmp_path / "data" / "cache" / "fid"
+    counting = {"monitor": False, "extractor": "test_fid.CountingFeatures"}
+
+    def calls(*overrides: str, run: str) -> list[int]:
+        CountingFeatures.calls.clear()
+        metrics = train(fid_config(tmp_path, image_folder, *overrides, run=run, **counting))
+        assert ("val/fid" in metrics) == bool(CountingFeatures.calls)
+        return list(CountingFeatures.calls)
+
+    assert calls("callbacks.fid.every_n_epochs=2", run="never") == []
+    assert not list(cache.glob("fid-reference-*.pt"))
+    # No cache: 16 real images in one batch at the first evaluation, then each evaluation's 6
+    # samples in batches of 4; the second evaluation reuses the real features in memory.
+    no_cache = ("trainer.max_epochs=2", "callbacks.fid.cache_dir=null")
+    assert calls(*no_cache, run="in-memory") == [16, 4, 2, 4, 2]
+    assert not cache.exists() or not list(cache.glob("fid-reference-*.pt"))
+    # With the cache: filled by the first run that evaluates, read by the next.
+    assert calls(run="fills") == [16, 4, 2]
+    assert len(list(cache.glob("fid-reference-*.pt"))) == 1
+    assert calls(run="reads") == [4, 2]
+
+
+def write_labels(folder: Path, num_classes: int) -> Path:
+    files = sorted(p.name for p in folder.glob("*.png"))
+    rows = "".join(f"{name},{k % num_classes}\n" for k, name in enumerate(files))
+    (folder / "labels.csv").write_text(f"file,label\n{rows}")
+    return folder
+
+
+@pytest.mark.slow
+def test_conditional_model_is_scored_on_class_balanced_guided_samples(
+    tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_labels(image_folder, 3)
+    calls: list[tuple[int, Tensor | None, Guidance | None]] = []
+    original = DiffusionModule.sample
+
+    def spy(module: DiffusionModule, num_images: int, **kwargs) -> object:
+        calls.append((kwargs["start_index"], kwargs["class_labels"], kwargs["guidance"]))
+        return original(module, num_images, **kwargs)
+
+    monkeypatch.setattr(DiffusionModule, "sample", spy)
+    cfg = fid_config(
+        tmp_path,
+        image_folder,
+        "data.labels=true",
+        "model.net.num_classes=3",
+        "callbacks.fid.guidance_scale=1.5",
+        monitor=False,
+    )
+    metrics = train(cfg)
+    assert np.isfinite(metrics["val/fid"])
+    assert [start for start, _, _ in calls] == [0, 4]
+    labels = torch.cat([labels for _, labels, _ in calls]).tolist()
+    assert labels == [0, 1, 2, 0, 1, 2] == balanced_labels(6, 3).tolist()
+    assert all(guidance == Guidance(1.5) for _, _, guidance in calls)
 
 
 @pytest.mark.data

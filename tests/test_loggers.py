@@ -16,9 +16,10 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
-from flowerdiff import loggers
-from flowerdiff.loggers import choose_wandb_mode, log_image, setup_wandb, sweep_group_and_name
-from flowerdiff.train import train
+from flowerdiff.infra import loggers
+from flowerdiff.infra.loggers import choose_wandb_mode, setup_wandb, sweep_group_and_name
+from flowerdiff.tasks.train import train
+from flowerdiff.viz.dashboard import log_image
 
 from conftest import compose_config
 
@@ -117,17 +118,18 @@ def wandb_records(path: Path) -> Iterator[object]:
             yield record
 
 
-def read_offline_run(run_dir: Path) -> tuple[dict, set[str]]:
-    """(config, every history key) of an offline run directory."""
+def read_offline_run(run_dir: Path) -> tuple[dict, dict[str, object]]:
+    """(config, every history key with its last value) of an offline run directory."""
     config: dict = {}
-    keys: set[str] = set()
+    keys: dict[str, object] = {}
     for record in wandb_records(next(run_dir.glob("*.wandb"))):
         kind = record.WhichOneof("record_type")
         updates = record.run.config.update if kind == "run" else record.config.update
         if kind in ("run", "config"):
             config.update({u.key: json.loads(u.value_json) for u in updates})
         elif kind == "history":
-            keys.update("/".join(item.nested_key) or item.key for item in record.history.item)
+            for item in record.history.item:
+                keys["/".join(item.nested_key) or item.key] = json.loads(item.value_json)
     return config, keys
 
 
@@ -157,3 +159,9 @@ def test_offline_wandb_run_holds_metrics_config_and_images(
     # TINY_OVERRIDES: 4 samples of 16 px in a 2x2 grid with 2 px padding; trajectory: 5
     # columns, 2 samples with an x0 row each; forward diffusion: 6 timesteps of 2 images.
     assert sizes == {"grid": (38, 38), "trajectory": (92, 74), "forward": (110, 38)}
+    # Captions travel with the figures: the forward grid's timesteps, the trajectory's steps.
+    assert keys["samples/forward_diffusion/captions"] == ["t=0, t=200, t=400, t=600, t=800, t=999"]
+    (trajectory,) = keys["samples/trajectory/captions"]
+    assert trajectory.startswith("t=750, t=500") and trajectory.endswith(
+        "t=0 (x / predicted x0 rows)"
+    )

@@ -1,28 +1,57 @@
-"""Precision and speed options: bf16-mixed on the CPU, precision `auto`, and the GPU-only
-switches (fused AdamW, TF32, compile) staying harmless where they do not apply."""
+"""Precision and speed options: bf16 autocast on the CPU (training and sampling), channels_last,
+precision `auto`, the one autocast mapping, and the GPU-only switches (fused AdamW, TF32,
+compile) staying harmless where they do not apply."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
 import torch
 
-from flowerdiff.build import build_module, resolve_precision
-from flowerdiff.checkpoint import load_checkpoint
-from flowerdiff.train import enable_tf32, train
+from flowerdiff.infra.checkpoints import read_checkpoint
+from flowerdiff.infra.config import build_module
+from flowerdiff.infra.devices import autocast_context, resolve_precision
+from flowerdiff.models.unet import UNet
+from flowerdiff.tasks.train import enable_tf32, train
 
 
-@pytest.mark.slow
-def test_bf16_mixed_channels_last_trains_on_cpu_without_nan(tiny_config, tmp_path: Path) -> None:
+def test_bf16_mixed_channels_last_trains_on_cpu_without_nan(
+    tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[bool, torch.dtype, bool]] = []
+    forward = UNet.forward
+
+    def recording(self: UNet, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = forward(self, sample, *args, **kwargs)
+        channels_last = sample.is_contiguous(memory_format=torch.channels_last)
+        seen.append((torch.is_autocast_enabled("cpu"), out.dtype, channels_last))
+        return out
+
+    monkeypatch.setattr(UNet, "forward", recording)
     metrics = train(tiny_config("trainer.precision=bf16-mixed", "model.channels_last=true"))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
-    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    # Every forward pass (training, validation, the callbacks' sampling) ran under bf16
+    # autocast on channels_last input.
+    assert seen and set(seen) == {(True, torch.bfloat16, True)}
+    checkpoint = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 3
     weights = checkpoint["current_model_state"]
     assert all(w.isfinite().all() for w in weights.values() if w.is_floating_point())
     # The master weights stay float32 under mixed precision.
     assert weights["net.time_mlp.0.weight"].dtype == torch.float32
+
+
+def test_autocast_context_is_the_trainers_mapping() -> None:
+    cpu = torch.device("cpu")
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with autocast_context("bf16-mixed", cpu)():
+        assert (a @ b).dtype == torch.bfloat16
+    for precision in ("32-true", "auto", 32):
+        assert autocast_context(precision, cpu) is contextlib.nullcontext
+    with pytest.raises(ValueError, match=r"`precision='8-bit'` is not known"):
+        autocast_context("8-bit", cpu)
 
 
 def test_precision_auto(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,6 +70,8 @@ def test_compile_keeps_state_dict_keys_and_fused_adamw_only_on_cuda(tiny_config)
     compiled = build_module(tiny_config("model.compile=true"))
     assert compiled.state_dict().keys() == plain.state_dict().keys()
     assert not any("_orig_mod" in key for key in compiled.state_dict())
+    # Weights load across the two: a compiled run's checkpoint serves an uncompiled sampler.
+    plain.load_state_dict(compiled.state_dict())
 
     assert plain._fused_kwargs() == {}  # on the CPU
     plain._device = torch.device("cuda", 0)  # what Lightning sets after moving the module

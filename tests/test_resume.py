@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,12 +17,12 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig
 
-import flowerdiff.train
-from flowerdiff.checkpoint import load_checkpoint
-from flowerdiff.resume import InterruptCheckpoint, RNGState, resolve_ckpt_path
-from flowerdiff.train import train
+import flowerdiff.tasks.train
+from flowerdiff.infra.checkpoints import read_checkpoint as load_checkpoint
+from flowerdiff.infra.resume import InterruptCheckpoint, RNGState, resolve_ckpt_path
+from flowerdiff.tasks.train import train
 
-from conftest import TINY_OVERRIDES, compose_config
+from conftest import REPO_ROOT, TINY_OVERRIDES, compose_config
 
 # 8 training images (val_fraction 0.5 of 16) in batches of 4: 2 optimizer steps per epoch, so
 # the interrupted run stops at the epoch boundary. Validation runs (on the EMA weights) after
@@ -57,10 +59,12 @@ def test_resume_is_exact_with_ema(
     train(run_config(tmp_path, image_folder, "straight"))
     straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
 
-    instantiate = flowerdiff.train.instantiate_callbacks
+    instantiate = flowerdiff.tasks.train.instantiate_callbacks
     with monkeypatch.context() as patch:
         patch.setattr(
-            flowerdiff.train, "instantiate_callbacks", lambda c: [*instantiate(c), StopAfter(2)]
+            flowerdiff.tasks.train,
+            "instantiate_callbacks",
+            lambda c: [*instantiate(c), StopAfter(2)],
         )
         train(run_config(tmp_path, image_folder, "resumed"))
     first_half = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
@@ -94,10 +98,16 @@ def test_resume_is_exact_with_ema(
 
 
 def test_rng_state_round_trip() -> None:
+    """The states come back when training starts (not at load, which Lightning's set-up follows
+    with draws of its own)."""
     callback = RNGState()
     saved = callback.state_dict()
     first = (torch.rand(3), np.random.rand(3), random.random())
     callback.load_state_dict(saved)
+    assert callback.state_dict() is not None  # a save before training resumes keeps the load
+    torch.rand(5)  # set-up drawing numbers between the load and the start of training
+    trainer = SimpleNamespace(train_dataloader=None, num_training_batches=0)
+    callback.on_train_start(trainer, None)  # type: ignore[arg-type]
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], again[0])
     assert np.array_equal(first[1], again[1])
@@ -171,14 +181,14 @@ class FirstStep(Callback):
 def test_crash_checkpoint_resumes_with_last_and_null_starts_fresh(
     tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    instantiate = flowerdiff.train.instantiate_callbacks
+    instantiate = flowerdiff.tasks.train.instantiate_callbacks
 
     def run(*extra: str, crash: bool = False) -> int | None:
         first = FirstStep()
         added = [first, CrashAfter(1)] if crash else [first]
         with monkeypatch.context() as patch:
             patch.setattr(
-                flowerdiff.train, "instantiate_callbacks", lambda c: [*instantiate(c), *added]
+                flowerdiff.tasks.train, "instantiate_callbacks", lambda c: [*instantiate(c), *added]
             )
             train(run_config(tmp_path, image_folder, "run", *extra))
         return first.first
@@ -192,3 +202,104 @@ def test_crash_checkpoint_resumes_with_last_and_null_starts_fresh(
     # ckpt_path=null is a fresh start even with checkpoints in the folder (Lightning's own
     # OnExceptionCheckpoint would silently resume last.ckpt here).
     assert run() == 0
+
+
+# -- the command line, as a user or a scheduler interrupts it ---------------------------------
+# 12 training images in batches of 4: 3 optimizer steps per epoch, 6 epochs, EMA and the grid
+# callback on, validation (and an epoch-end last.ckpt) after every epoch.
+CLI_OVERRIDES = [
+    "trainer.max_epochs=6",
+    "trainer.max_steps=-1",  # epoch-bound (with both limits set, Lightning ends a resumed run an epoch early)
+    "callbacks.ema.decay=0.9",
+    "callbacks.denoising_grid.every_n_epochs=2",
+]
+
+
+def train_cli(run_dir: Path, image_folder: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "scripts" / "train.py"),
+        *TINY_OVERRIDES,
+        *CLI_OVERRIDES,
+        f"data.root={image_folder}",
+        f"paths.root_dir={run_dir.parent}",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": tests, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def interrupted_at(step: int, signal: str) -> list[str]:
+    return [
+        "+callbacks.interrupt._target_=interrupts.SignalAt",
+        f"+callbacks.interrupt.step={step}",
+        f"+callbacks.interrupt.signal={signal}",
+    ]
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Training and EMA weights, Adam moments, EMA counters and LR schedule: bit-identical."""
+    assert a["global_step"] == b["global_step"]
+    for key in ("state_dict", "current_model_state"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), f"{key}[{name}] differs after resume"
+    for x, y in zip(
+        a["optimizer_states"][0]["state"].values(),
+        b["optimizer_states"][0]["state"].values(),
+        strict=True,
+    ):
+        assert all(torch.equal(x[k], y[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    for name, value in a["averaging_state"].items():
+        assert torch.equal(value, b["averaging_state"][name]), name
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """18 steps without interruption; shared by the interruption tests below."""
+    root = tmp_path_factory.mktemp("straight")
+    from conftest import write_images
+
+    images = write_images(root / "images", count=16)
+    result = train_cli(root / "run", images)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_checkpoint(root / "run" / "checkpoints" / "last.ckpt"), images
+
+
+@pytest.mark.slow
+def test_kill_9_after_an_epoch_checkpoint_then_last_is_bit_identical(
+    straight_run: tuple[dict, Path], tmp_path: Path
+) -> None:
+    """kill -9 two steps into the third epoch (last.ckpt holds step 6), then ckpt_path=last:
+    the end state equals the straight run's, tensor by tensor."""
+    straight, images = straight_run
+    killed = train_cli(tmp_path / "run", images, *interrupted_at(8, "KILL"))
+    assert killed.returncode == -9
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 6
+    resumed = train_cli(tmp_path / "run", images, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_training_state(
+        straight, load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_exits_non_zero_and_resumes_bit_identically(
+    straight_run: tuple[dict, Path], tmp_path: Path
+) -> None:
+    """Preemption one step into an epoch: the interrupt checkpoint is written, the process exits
+    143 (so a scheduler sees the interruption), and the resumed run skips exactly the batches
+    already trained on."""
+    straight, images = straight_run
+    stopped = train_cli(tmp_path / "run", images, *interrupted_at(7, "TERM"))
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "Stopped by SIGTERM after step 7" in stopped.stdout + stopped.stderr
+    interrupt = tmp_path / "run" / "checkpoints" / "on_exception.ckpt"
+    assert load_checkpoint(interrupt)["global_step"] == 7
+    resumed = train_cli(tmp_path / "run", images, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_training_state(
+        straight, load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    )

@@ -1,4 +1,5 @@
-"""NoiseSchedule: schedule shapes, zero-terminal-SNR rescale, add_noise and the conversions."""
+"""The DDPM family's tables: schedule shapes, zero-terminal-SNR rescale, add_noise, the
+parametrisation conversions (now on DDPMDiffusion), levels between timesteps, validation."""
 
 from __future__ import annotations
 
@@ -7,49 +8,81 @@ import math
 import pytest
 import torch
 
-from flowerdiff.diffusion import PREDICTION_TYPES, SCHEDULE_NAMES, NoiseSchedule
+from flowerdiff.diffusion import (
+    PREDICTION_TYPES,
+    SCHEDULES,
+    DDPMDiffusion,
+    NoiseSchedule,
+    build_diffusion,
+    build_sampler,
+)
 
 T = 1000
 ZT_OPTIONS = [False, True]
+SCHEDULE_NAMES = SCHEDULES.names()
 
 
-def _schedules():
+def ddpm(prediction: str = "epsilon", **schedule: object) -> DDPMDiffusion:
+    return DDPMDiffusion(build_sampler({"name": "ddim"}), schedule=schedule, prediction=prediction)
+
+
+def _schedules() -> list[tuple[str, bool]]:
     return [(name, zt) for name in SCHEDULE_NAMES for zt in ZT_OPTIONS]
+
+
+def test_registry_holds_the_five_schedules() -> None:
+    assert SCHEDULE_NAMES == ["cosine", "cosine_clipped", "linear", "scaled_linear", "sigmoid"]
 
 
 @pytest.mark.parametrize(("name", "zero_terminal_snr"), _schedules())
 def test_conversions_round_trip(name: str, zero_terminal_snr: bool) -> None:
-    """For every prediction type, target -> (x0, eps) -> target recovers the inputs.
+    """For every prediction type, target -> x0 recovers x0, and eps = (x_t - alpha x0) / sigma
+    recovers the noise.
 
-    Float64 inputs (coefficients are the float32 buffers, promoted), so even t = T-1 of the
-    plain cosine schedule (sqrt(abar) ~ 5e-5) is well conditioned; tolerance 1e-5.
-    """
-    schedule = NoiseSchedule(name, zero_terminal_snr=zero_terminal_snr)
+    Float64 inputs (coefficients are the float32 tables, promoted), so even t = T-1 of the
+    plain cosine schedule (sqrt(abar) ~ 5e-5) is well conditioned; tolerance 1e-5. Epsilon with
+    zero terminal SNR cannot be built (tested below)."""
     gen = torch.Generator().manual_seed(0)
     t = torch.tensor([0, 1, 250, 500, 750, 998, T - 1])
     x0 = torch.rand(len(t), 3, 4, 4, generator=gen, dtype=torch.float64) * 2 - 1
     eps = torch.randn(len(t), 3, 4, 4, generator=gen, dtype=torch.float64)
-    x_t = schedule.add_noise(x0, eps, t)
-    for ptype in PREDICTION_TYPES:
-        target = schedule.training_target(x0, eps, t, ptype)
-        # With zero terminal SNR, x0 from epsilon is undefined at t = T-1 (tested separately).
-        n = len(t) - 1 if zero_terminal_snr and ptype == "epsilon" else len(t)
-        x0_hat = schedule.predict_x0(target[:n], x_t[:n], t[:n], ptype)
-        eps_hat = schedule.predict_eps(target, x_t, t, ptype)
-        torch.testing.assert_close(x0_hat, x0[:n], atol=1e-5, rtol=0)
-        torch.testing.assert_close(eps_hat, eps, atol=1e-5, rtol=0)
-        # ...and the v target rebuilt from the recovered noise.
-        v = schedule.training_target(x0, eps_hat, t, "v")
-        torch.testing.assert_close(v, schedule.training_target(x0, eps, t, "v"), atol=1e-5, rtol=0)
+    for prediction in PREDICTION_TYPES:
+        if zero_terminal_snr and prediction == "epsilon":
+            continue
+        diffusion = ddpm(prediction, name=name, zero_terminal_snr=zero_terminal_snr)
+        x_t = diffusion.schedule.add_noise(x0, eps, t)
+        target = diffusion.training_target(x0, eps, t)
+        for i, t_value in enumerate(t.tolist()):
+            level = diffusion.level(t_value)
+            x0_hat = diffusion.x0_from_output(target[i], x_t[i], level)
+            torch.testing.assert_close(x0_hat, x0[i], atol=1e-5, rtol=0)
+            if level.sigma > 0:
+                eps_hat = (x_t[i] - level.alpha * x0_hat) / level.sigma
+                torch.testing.assert_close(eps_hat, eps[i], atol=1e-5, rtol=0)
 
 
-def test_v_matches_definition() -> None:
-    schedule = NoiseSchedule()
+def test_training_targets_match_their_definitions() -> None:
     t = torch.tensor([10, 600])
-    x0, eps = torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)
-    abar = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
-    expected = abar.sqrt() * eps - (1 - abar).sqrt() * x0
-    torch.testing.assert_close(schedule.training_target(x0, eps, t, "v"), expected)
+    gen = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(2, 1, 2, 2, generator=gen), torch.randn(2, 1, 2, 2, generator=gen)
+    abar = NoiseSchedule().alphas_cumprod[t].view(-1, 1, 1, 1)
+    v = abar.sqrt() * eps - (1 - abar).sqrt() * x0
+    torch.testing.assert_close(ddpm("v").training_target(x0, eps, t), v)
+    torch.testing.assert_close(ddpm("epsilon").training_target(x0, eps, t), eps)
+    torch.testing.assert_close(ddpm("x0").training_target(x0, eps, t), x0)
+
+
+def test_level_holds_the_float32_tables() -> None:
+    """The samplers step with exactly the float32 table values the book's code read."""
+    diffusion = ddpm()
+    schedule = diffusion.schedule
+    for t in (0, 480, 999):
+        level = diffusion.level(t)
+        assert level.t == t
+        assert level.alpha == schedule.sqrt_alphas_cumprod[t].item()
+        assert level.sigma == schedule.sqrt_one_minus_alphas_cumprod[t].item()
+        assert level.alpha_sq == schedule.alphas_cumprod[t].item()
+        assert level.sigma_sq == 1.0 - schedule.alphas_cumprod[t].item()
 
 
 @pytest.mark.parametrize(("name", "zero_terminal_snr"), _schedules())
@@ -101,7 +134,7 @@ def test_schedule_shapes() -> None:
     assert linear.betas[0].item() == pytest.approx(1e-4)
     assert linear.betas[-1].item() == pytest.approx(0.02)
     scaled = NoiseSchedule("scaled_linear")
-    assert (scaled.beta_start, scaled.beta_end) == (0.00085, 0.012)
+    assert (scaled.params["beta_start"], scaled.params["beta_end"]) == (0.00085, 0.012)
     root = scaled.betas.double().sqrt()
     torch.testing.assert_close(root.diff(), root.diff()[:1].expand(T - 1), atol=1e-7, rtol=0)
     assert scaled.betas[-1].item() == pytest.approx(0.012)
@@ -113,6 +146,21 @@ def test_schedule_shapes() -> None:
     lo = 1e-4 + (0.02 - 1e-4) / (1 + math.exp(3.0))
     assert sigmoid.betas[0].item() == pytest.approx(lo)
     assert sigmoid.betas[-1].item() == pytest.approx(0.02 - (lo - 1e-4))
+
+
+def test_to_config_keeps_every_parameter_and_rebuilds() -> None:
+    """Defaults are written out, so a stored config keeps its meaning if a default changes."""
+    schedule = NoiseSchedule("sigmoid", num_timesteps=500, beta_end=0.03)
+    config = schedule.to_config()
+    assert config == {
+        "name": "sigmoid",
+        "num_timesteps": 500,
+        "zero_terminal_snr": False,
+        "beta_start": 1e-4,
+        "beta_end": 0.03,
+        "sigmoid_range": (-3.0, 3.0),
+    }
+    assert torch.equal(NoiseSchedule(**config).betas, schedule.betas)
 
 
 def test_add_noise_statistics() -> None:
@@ -129,6 +177,14 @@ def test_add_noise_statistics() -> None:
         assert x_t.std().item() == pytest.approx(math.sqrt(1 - abar), rel=0.01)
 
 
+def test_family_add_noise_equals_the_schedule_s() -> None:
+    diffusion = ddpm()
+    gen = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(3, 1, 4, 4, generator=gen), torch.randn(3, 1, 4, 4, generator=gen)
+    by_schedule = diffusion.schedule.add_noise(x0, noise, torch.full((3,), 640))
+    torch.testing.assert_close(diffusion.add_noise(x0, noise, diffusion.level(640)), by_schedule)
+
+
 def test_gather_broadcasts_int_and_vector_timesteps() -> None:
     schedule = NoiseSchedule()
     x0, eps = torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
@@ -142,31 +198,72 @@ def test_gather_broadcasts_int_and_vector_timesteps() -> None:
 
 
 def test_buffers_follow_to_but_not_state_dict() -> None:
+    """The tables are rebuilt from the config: neither the schedule nor either family puts
+    anything into a checkpoint's state dict."""
     schedule = NoiseSchedule().to(torch.float64)
     assert schedule.alphas_cumprod.dtype == torch.float64
     assert dict(schedule.state_dict()) == {}
+    for family in ("ddpm", "edm"):
+        assert dict(build_diffusion({"name": family}, {"name": "ddim"}).state_dict()) == {}
 
 
-def test_epsilon_x0_undefined_at_zero_snr_raises() -> None:
-    schedule = NoiseSchedule(zero_terminal_snr=True)
+def test_levels_between_timesteps_interpolate_log_sigma() -> None:
+    """level_at_ve_sigma (EDM's churn on the DDPM family) inverts the table: a timestep's own
+    VE noise level gives back that timestep, and halfway in log-sigma gives t + 0.5; the
+    oracle's coefficients at a fractional t agree with the level's alpha and sigma.
+
+    The round trip is good to 1e-3 of a timestep, not to float precision: a level's alpha and
+    sigma are the float32 tables' sqrt(abar) and sqrt(1 - abar), each rounded once, while the
+    interpolation table is log(sigma / alpha) from abar (measured: t = 3 comes back as
+    2.99994)."""
+    diffusion = ddpm()
+    for t in (3, 250, 998):
+        level = diffusion.level(t)
+        assert diffusion.level_at_ve_sigma(level.ve_sigma).t == pytest.approx(t, abs=1e-3)
+        upper = diffusion.level(t + 1).ve_sigma
+        middle = diffusion.level_at_ve_sigma(math.sqrt(level.ve_sigma * upper))
+        assert middle.t == pytest.approx(t + 0.5, abs=1e-3)
+        assert middle.alpha**2 + middle.sigma**2 == pytest.approx(1.0)
+        # The network sees t as float32 (network_input_t), which limits the agreement to ~1e-7.
+        alpha, sigma = diffusion.coefficients(torch.tensor([middle.t], dtype=torch.float32))
+        assert alpha.item() == pytest.approx(middle.alpha, rel=1e-6)
+        assert sigma.item() == pytest.approx(middle.sigma, rel=1e-6)
+    assert diffusion.level_at_ve_sigma(0.0).sigma == 0.0  # clean data
+    assert diffusion.level_at_ve_sigma(1e6).t == T - 1  # clamped to the noisiest timestep
+
+
+def test_epsilon_with_zero_terminal_snr_is_refused_at_construction() -> None:
+    """x0 from a noise prediction is undefined at abar = 0; v and x0 stay finite there."""
+    with pytest.raises(ValueError, match=r"zero_terminal_snr=true.*prediction=epsilon.*=v"):
+        ddpm("epsilon", zero_terminal_snr=True)
     x = torch.randn(2, 1, 2, 2)
-    t = torch.tensor([5, T - 1])
-    with pytest.raises(ValueError, match=r"abar_t = 0.*prediction_type='v'"):
-        schedule.predict_x0(x, x, t, "epsilon")
-    # v and x0 predictions stay finite at the terminal step: x0 = -v there.
-    x0 = schedule.predict_x0(x, x, t, "v")
-    torch.testing.assert_close(x0[1], -x[1])
-    assert torch.isfinite(schedule.predict_eps(x, x, t, "x0")).all()
+    for prediction in ("v", "x0"):
+        diffusion = ddpm(prediction, zero_terminal_snr=True)
+        terminal = diffusion.level(T - 1)
+        assert (terminal.alpha, terminal.sigma) == (0.0, 1.0)
+        x0 = diffusion.x0_from_output(x, x, terminal)
+        torch.testing.assert_close(x0, -x if prediction == "v" else x)  # v: x0 = -v there
 
 
-def test_unknown_names_raise_with_valid_values() -> None:
-    with pytest.raises(ValueError, match=r"name='squared'.*'cosine_clipped'.*'sigmoid'"):
+def test_unknown_names_and_keys_raise_with_valid_values() -> None:
+    with pytest.raises(
+        ValueError, match=r"`diffusion.schedule.name='squared'`.*'cosine_clipped'.*'sigmoid'"
+    ):
         NoiseSchedule("squared")
-    schedule = NoiseSchedule()
-    x = torch.zeros(1, 1, 2, 2)
-    with pytest.raises(ValueError, match=r"prediction_type='sample'.*'epsilon', 'v', 'x0'"):
-        schedule.predict_x0(x, x, torch.tensor([3]), "sample")
+    with pytest.raises(ValueError, match=r"`diffusion.prediction='sample'`.*'epsilon', 'v', 'x0'"):
+        ddpm("sample")
+    # An unknown schedule key lists the keys that are valid, including the ones NoiseSchedule
+    # consumes itself.
+    with pytest.raises(ValueError) as err:
+        NoiseSchedule("linear", max_beta=0.5)
+    message = str(err.value)
+    assert "`diffusion.schedule.max_beta` is not a parameter" in message
+    assert "name, num_timesteps, zero_terminal_snr, beta_start, beta_end." in message
     with pytest.raises(ValueError, match="beta_start"):
         NoiseSchedule("linear", beta_start=0.03, beta_end=0.02)
-    with pytest.raises(ValueError, match="num_timesteps"):
+    with pytest.raises(ValueError, match=r"num_timesteps=1` is invalid"):
         NoiseSchedule(num_timesteps=1)
+    with pytest.raises(ValueError, match=r"`diffusion.schedule.max_beta=1.0` must be in \(0, 1\)"):
+        NoiseSchedule("cosine", max_beta=1.0)
+    with pytest.raises(ValueError, match=r"`diffusion.schedule` must be a mapping"):
+        DDPMDiffusion(build_sampler({"name": "ddim"}), schedule="cosine")  # type: ignore[arg-type]

@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict, read_write
 
-from flowerdiff.sweep import METRICS_FILE, SUMMARY_FILE, optimized_metric, run_task, summarize
+from flowerdiff.tasks.sweep import METRICS_FILE, SUMMARY_FILE, optimized_metric, run_task, summarize
 
 from conftest import REPO_ROOT, TINY_OVERRIDES, compose_config, write_images
 
@@ -59,7 +60,7 @@ def job_records(sweep_dir: Path) -> dict[str, dict]:
 @pytest.mark.slow
 def test_grid_multirun_runs_every_combination_and_summarizes(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "grid"
-    sweep(tmp_path, sweep_dir, "optimizer.lr=1e-4,3e-4", "scheduler=cosine_clipped,linear")
+    sweep(tmp_path, sweep_dir, "optimizer.lr=1e-4,3e-4", "diffusion/schedule=cosine_clipped,linear")
 
     records = job_records(sweep_dir)
     assert sorted(records) == ["0", "1", "2", "3"]
@@ -69,7 +70,7 @@ def test_grid_multirun_runs_every_combination_and_summarizes(tmp_path: Path) -> 
         assert record["optimized_metric"] == "val/loss"  # the FID callback is off
         assert math.isfinite(record["value"]) and record["value"] == record["metrics"]["val/loss"]
         overrides = dict(o.split("=", 1) for o in record["overrides"])
-        combos.add((overrides["optimizer.lr"], overrides["scheduler"]))
+        combos.add((overrides["optimizer.lr"], overrides["diffusion/schedule"]))
         assert (sweep_dir / name / "checkpoints" / "last.ckpt").is_file()  # its own checkpoints
         assert (sweep_dir / name / "csv" / "metrics.csv").is_file()  # and its own logs
     assert len(combos) == 4
@@ -84,18 +85,19 @@ def test_grid_multirun_runs_every_combination_and_summarizes(tmp_path: Path) -> 
     values = [float(row["val/loss"]) for row in rows]
     assert values == sorted(values) and len(values) == 4
     assert rows[0]["job"] == min(records, key=lambda n: records[n]["value"])
-    assert {row["scheduler"] for row in rows} == {"cosine_clipped", "linear"}
+    assert {row["diffusion/schedule"] for row in rows} == {"cosine_clipped", "linear"}
 
 
 @pytest.mark.slow
 def test_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "failing"
-    sweep(tmp_path, sweep_dir, "optimizer.lr=-1,1e-4")  # AdamW rejects lr=-1 in fit
+    sweep(tmp_path, sweep_dir, "optimizer.lr=-1,1e-4")  # config validation rejects lr=-1
 
     records = job_records(sweep_dir)
     assert records["0"]["status"] == "failed"
-    assert records["0"]["error"]["type"] == "ValueError"
-    assert "Invalid learning rate" in records["0"]["error"]["traceback"]
+    assert records["0"]["error"]["type"] == "ConfigError"
+    assert "`optimizer.lr=-1` must be > 0" in records["0"]["error"]["message"]
+    assert "validate_train_config" in records["0"]["error"]["traceback"]
     assert records["0"]["value"] is None
     assert records["1"]["status"] == "completed" and math.isfinite(records["1"]["value"])
     summary = summarize(sweep_dir)
@@ -117,17 +119,25 @@ def test_optuna_sweep_stores_trials_and_resumes(tmp_path: Path) -> None:
     assert set(study.trials[0].params) == {
         "optimizer.lr",
         "optimizer.weight_decay",
-        "model.loss.kind",
-        "model.prediction",
-        "scheduler",
+        "diffusion.loss.kind",
+        "diffusion.prediction",
+        "diffusion/schedule",
     }
     records = job_records(sweep_dir)
     for trial in study.trials:  # job dir N is trial N, and both saw the same value
-        assert records[str(trial.number)]["value"] == pytest.approx(trial.value)
+        record = records[str(trial.number)]
+        assert record["value"] == pytest.approx(trial.value)
+        # The sampled diffusion settings reached the model the job trained.
+        stored = torch.load(
+            sweep_dir / str(trial.number) / "checkpoints" / "last.ckpt", weights_only=True
+        )["flowerdiff"]["diffusion"]
+        assert stored["schedule"]["name"] == trial.params["diffusion/schedule"]
+        assert stored["prediction"] == trial.params["diffusion.prediction"]
+        assert stored["loss"]["kind"] == trial.params["diffusion.loss.kind"]
     assert (sweep_dir / "optimization_results.yaml").is_file()
 
-    # Same sweep dir again: the study continues. These two trials fail (lr=-1), which Optuna
-    # records as FAIL while the sweep still completes.
+    # Same sweep dir again: the study continues. These two trials fail (lr=-1 is a config
+    # error), which Optuna records as FAIL while the sweep still completes.
     sweep(
         tmp_path,
         sweep_dir,
@@ -234,6 +244,11 @@ def test_optuna_search_config_composes(tmp_path: Path) -> None:
     assert sweeper.direction == "minimize" and sweeper.sampler.seed is not None
     assert sweeper.storage == f"sqlite:///{tmp_path}/s/optuna.db"
     assert sweeper.params["optimizer.lr"] == "tag(log, interval(1e-5, 1e-3))"
-    for key in ("callbacks.ema.decay", "model.loss.kind", "model.prediction", "scheduler"):
+    for key in (
+        "callbacks.ema.decay",
+        "diffusion.loss.kind",
+        "diffusion.prediction",
+        "diffusion/schedule",
+    ):
         assert str(sweeper.params[key]).startswith("choice(")
     assert cfg.hydra.mode.name == "MULTIRUN"

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowerdiff.checkpoint import load_checkpoint, load_module
-from flowerdiff.train import train
+from flowerdiff.infra.checkpoints import read_checkpoint
+from flowerdiff.infra.exports import load_model
+from flowerdiff.tasks.train import train
 
 
 @pytest.mark.slow
@@ -19,12 +20,17 @@ def test_train_writes_checkpoint_and_metrics_then_samples(tiny_config, tmp_path:
         assert key in metrics and torch.isfinite(torch.tensor(metrics[key])), key
     checkpoints = tmp_path / "run" / "checkpoints"
     assert (checkpoints / "last.ckpt").is_file()
-    checkpoint = load_checkpoint(checkpoints / "last.ckpt")
+    checkpoint = read_checkpoint(checkpoints / "last.ckpt")
     assert checkpoint["global_step"] == 3  # 12 training images / batch 4, one epoch
-    assert checkpoint["flowerdiff_config"]["model"]["net"]["hidden_dims"] == [16, 32, 32, 64]
+    stored = checkpoint["flowerdiff"]
+    assert stored["network"]["hidden_dims"] == [16, 32, 32, 64]
+    assert stored["image_shape"] == [3, 16, 16]
+    # what rebuilds the model, nothing else: no data, optimizer or logger config
+    assert set(stored) == {"format", "network", "diffusion", "image_shape", "class_names"}
+    assert "datamodule_hyper_parameters" not in checkpoint
     assert (tmp_path / "run" / "csv" / "metrics.csv").is_file()
 
-    module = load_module(checkpoints / "last.ckpt")
+    module = load_model(checkpoints / "last.ckpt")
     out = module.sample(3, seed=7, return_intermediates=True)
     assert out.images.shape == (3, 3, 16, 16)
     assert out.images.min() >= -1 and out.images.max() <= 1

@@ -16,7 +16,7 @@ collective; nothing is called under the rank-zero guard that other ranks would h
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -24,30 +24,35 @@ import torch
 from torch import Tensor
 
 from flowerdiff.callbacks.sampling import ValidationSamplingCallback
-from flowerdiff.diffusion import Sampler, make_generators, randn_per_image
-from flowerdiff.images import grid, nearest_steps, trajectory_grid, trajectory_targets
-from flowerdiff.loggers import log_image
+from flowerdiff.diffusion import make_generators, randn_per_image
+from flowerdiff.diffusion.guidance import Guidance
+from flowerdiff.viz.dashboard import log_image
+from flowerdiff.viz.figures import grid, labelled_rows, trajectory_figure
 
 log = logging.getLogger(__name__)
 
 
 class DenoisingGridCallback(ValidationSamplingCallback):
     """Log ``samples/grid``, ``samples/trajectory`` every few epochs and, once,
-    ``samples/forward_diffusion`` (real validation images noised to several timesteps).
+    ``samples/forward_diffusion`` (real validation images noised to several levels). For a
+    class-conditional model the grid is ``samples/per_class``: one row per class.
 
     Args:
         every_n_epochs: sample at the validations of epochs ``n-1, 2n-1, ...``; also once at the
             end of training if the last evaluation is older than the last step.
-        num_images: images in the sample grid.
-        seed: base seed of the fixed noise (image k always starts from the same x_T).
+        num_images: images in the sample grid (conditional: per class).
+        seed: base seed of the fixed noise (image k always starts from the same noise).
         trajectory_images: how many of the samples get a trajectory row (0 disables it).
-        trajectory_columns: timesteps shown, evenly spaced from T to 0 (5: t = 800, ..., 0);
-            each column shows the nearest step the sampler visits.
+        trajectory_columns: steps shown, evenly spaced from noise to data (5: t = 800, ..., 0
+            on the book's DDIM-50); each column shows the nearest step the sampler visits.
         show_pred_x0: under each trajectory row, the model's x0 estimate at that step.
-        sampler: sampler for the figures (None: the module's own, i.e. the ``sampler`` config).
+        sampler: a sampler config for the figures (None: the run's ``sampler``).
         num_inference_steps: override the sampler's number of steps (e.g. fewer for speed).
         forward_images: real validation images in the forward-diffusion grid (0 disables it).
-        forward_timesteps: the forward grid's columns (the book's t = 0, 200, ..., 999).
+        forward_columns: noise levels of the forward grid, from clean data to pure noise.
+        classes: the classes of the per-class grid (conditional models; None: up to 8 classes
+            evenly spread over all of them).
+        guidance_scale: classifier-free guidance of the per-class grid.
     """
 
     def __init__(
@@ -58,16 +63,19 @@ class DenoisingGridCallback(ValidationSamplingCallback):
         trajectory_images: int = 4,
         trajectory_columns: int = 5,
         show_pred_x0: bool = True,
-        sampler: Sampler | None = None,
+        sampler: Mapping[str, Any] | None = None,
         num_inference_steps: int | None = None,
         forward_images: int = 6,
-        forward_timesteps: Sequence[int] = (0, 200, 400, 600, 800, 999),
+        forward_columns: int = 6,
+        classes: Sequence[int] | None = None,
+        guidance_scale: float = 1.0,
     ) -> None:
         super().__init__(sampler, num_inference_steps)
-        if every_n_epochs < 1 or num_images < 1:
+        if every_n_epochs < 1 or num_images < 1 or forward_columns < 2 or trajectory_columns < 1:
             raise ValueError(
-                f"callbacks.denoising_grid: every_n_epochs={every_n_epochs} and "
-                f"num_images={num_images} must both be >= 1 (remove the callback with "
+                f"callbacks.denoising_grid: every_n_epochs={every_n_epochs}, "
+                f"num_images={num_images} and trajectory_columns={trajectory_columns} must be "
+                f">= 1 and forward_columns={forward_columns} >= 2 (remove the callback with "
                 "`~callbacks.denoising_grid` to switch it off)."
             )
         self.every_n_epochs = every_n_epochs
@@ -77,9 +85,23 @@ class DenoisingGridCallback(ValidationSamplingCallback):
         self.trajectory_columns = trajectory_columns
         self.show_pred_x0 = show_pred_x0
         self.forward_images = forward_images
-        self.forward_timesteps = list(forward_timesteps)
+        self.forward_columns = forward_columns
+        self.classes = list(classes) if classes is not None else None
+        self.guidance = Guidance(guidance_scale)
         self.last_step = -1
         self.forward_logged = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        num_classes = getattr(pl_module, "num_classes", None)
+        if self.classes is not None and num_classes is not None:
+            bad = [c for c in self.classes if not 0 <= c < num_classes]
+            if bad or not self.classes:
+                raise ValueError(
+                    f"callbacks.denoising_grid.classes={self.classes} must be class indices in "
+                    f"[0, {num_classes}) (model.net.num_classes={num_classes}), at least one; or "
+                    "null for up to 8 classes spread over all of them."
+                )
 
     # -- when ---------------------------------------------------------------------------------
     def should_run(self, trainer: L.Trainer) -> bool:
@@ -109,55 +131,80 @@ class DenoisingGridCallback(ValidationSamplingCallback):
         self.maybe_log_forward(trainer, pl_module, batch)  # runs without validation data
 
     # -- what ---------------------------------------------------------------------------------
+    def grid_classes(self, num_classes: int) -> list[int]:
+        if self.classes is not None:
+            return list(self.classes)
+        count = min(num_classes, 8)
+        return [round(k * (num_classes - 1) / max(count - 1, 1)) for k in range(count)]
+
     @torch.no_grad()
     def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Sample from the fixed noise and log the grid and the trajectory (rank zero only)."""
         was_training = pl_module.training  # on_train_end comes in train mode
         pl_module.eval()
+        sampler = self.sampler_for(pl_module)
+        labels = None
+        if pl_module.num_classes is not None:
+            classes = self.grid_classes(pl_module.num_classes)
+            labels = torch.tensor(classes).repeat_interleave(self.num_images)
         with trainer.precision_plugin.forward_context():
             out = pl_module.sample(
-                self.num_images,
+                len(labels) if labels is not None else self.num_images,
                 seed=self.seed,
-                sampler=self.sampler_for(pl_module),
+                sampler=sampler,
+                class_labels=labels,
+                guidance=self.guidance if labels is not None else None,
                 return_intermediates=self.trajectory_images > 0,
             )
         pl_module.train(was_training)
         self.last_step = trainer.global_step
-        log_image(trainer, "samples/grid", grid(out.images))
-        if self.trajectory_images > 0:
-            targets = trajectory_targets(pl_module.schedule.num_timesteps, self.trajectory_columns)
-            steps = nearest_steps(out.timesteps, targets)
-            n = self.trajectory_images
-            figure = trajectory_grid(
-                [x[:n] for x in out.intermediates],
-                [x[:n] for x in out.pred_x0] if self.show_pred_x0 else None,
-                steps,
+        if labels is None:
+            log_image(trainer, "samples/grid", grid(out.images))
+        else:
+            # One row per class, its name written beside it (as scripts/sample.py per_class=).
+            names = getattr(getattr(pl_module, "spec", None), "class_names", None)
+            rows = [names[c] if names else f"class {c}" for c in classes]
+            figure = labelled_rows(
+                grid(out.images, nrow=self.num_images), rows, out.images.shape[-1]
             )
-            shown = ", ".join(str(out.timesteps[i]) for i in steps)
-            rows = "x_t / predicted x0 rows" if self.show_pred_x0 else "x_t rows"
-            log_image(trainer, "samples/trajectory", figure, caption=f"t = {shown} ({rows})")
+            log_image(
+                trainer,
+                "samples/per_class",
+                figure,
+                caption="rows: " + ", ".join(rows) + f" (guidance {self.guidance.scale:g})",
+            )
+        if self.trajectory_images > 0:
+            figure = trajectory_figure(
+                pl_module.diffusion,
+                out,
+                self.trajectory_images,
+                self.trajectory_columns,
+                self.show_pred_x0,
+            )
+            log_image(trainer, "samples/trajectory", figure.image, caption=figure.caption)
 
     def maybe_log_forward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any
     ) -> None:
-        """Once per fit: real images (already on the device, in [-1, 1]) noised to each of
-        ``forward_timesteps`` with the same fixed noise per row."""
+        """Once per fit: real images (already on the device, in [-1, 1]) noised to evenly
+        spaced levels, from clean data to pure noise, with the same fixed noise per row."""
         if self.forward_logged or self.forward_images < 1 or not trainer.is_global_zero:
             return
         self.forward_logged = True
         images: Tensor = (batch[0] if isinstance(batch, list | tuple) else batch)[
             : self.forward_images
         ]
-        schedule = pl_module.schedule
-        timesteps = [min(int(t), schedule.num_timesteps - 1) for t in self.forward_timesteps]
+        diffusion = pl_module.diffusion
+        steps = self.forward_columns - 1
+        levels = [diffusion.level_at_progress(1 - k / steps) for k in range(self.forward_columns)]
         generators = make_generators(self.seed, 0, images.shape[0])
         noise = randn_per_image(images.shape, generators, images.device, images.dtype)
         columns = []
-        for t in timesteps:
-            t_batch = torch.full((images.shape[0],), t, dtype=torch.long, device=images.device)
-            columns.append(schedule.add_noise(images, noise, t_batch))
-        figure = grid(torch.stack(columns, dim=1).flatten(0, 1), nrow=len(timesteps))
-        caption = "t = " + ", ".join(map(str, timesteps))
+        for level in levels:
+            x = diffusion.add_noise(images, noise, level)
+            columns.append(x / (level.alpha**2 + level.sigma**2) ** 0.5)  # unit scale to show
+        figure = grid(torch.stack(columns, dim=1).flatten(0, 1), nrow=len(levels))
+        caption = ", ".join(diffusion.describe(level) for level in levels)
         log_image(trainer, "samples/forward_diffusion", figure, caption=caption)
 
     # -- resume -------------------------------------------------------------------------------

@@ -8,20 +8,24 @@ base class picks the right hook, so the order in ``callbacks:`` does not matter.
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Mapping
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 
-from flowerdiff.diffusion import Sampler
+from flowerdiff.diffusion import Sampler, build_sampler
 
 
 class ValidationSamplingCallback(Callback):
     """Calls :meth:`run` once per due validation epoch, while the EMA weights (if any) are in."""
 
-    def __init__(self, sampler: Sampler | None, num_inference_steps: int | None) -> None:
+    def __init__(self, sampler: Mapping[str, Any] | None, num_inference_steps: int | None) -> None:
         super().__init__()
-        self.sampler = sampler
+        # Built now, so a bad sampler config fails when the callback is made, not mid-training.
+        self.sampler = build_sampler(dict(sampler)) if sampler else None
+        if num_inference_steps is not None:
+            Sampler(num_inference_steps=num_inference_steps)  # the constructor checks it
         self.num_inference_steps = num_inference_steps
         self.has_ema = False
         self.ema_first = False
@@ -47,8 +51,9 @@ class ValidationSamplingCallback(Callback):
             self.run(trainer, pl_module)
 
     def sampler_for(self, pl_module: L.LightningModule) -> Sampler:
-        """The configured sampler (else the module's), with the step count override applied."""
-        sampler = copy.copy(self.sampler or pl_module.sampler)
+        """The configured sampler (else the module's), with the step count override applied;
+        a new object: the module's own sampler is never changed."""
+        sampler = self.sampler or pl_module.diffusion.sampler
         if self.num_inference_steps is not None:
-            sampler.num_inference_steps = int(self.num_inference_steps)
+            sampler = sampler.with_options(num_inference_steps=self.num_inference_steps)
         return sampler

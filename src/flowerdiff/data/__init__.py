@@ -1,6 +1,6 @@
 """Data: image sources, the decoded-image cache and the Lightning data module."""
 
 from flowerdiff.data.datamodule import FlowersDataModule
-from flowerdiff.data.sources import DataSourceError
+from flowerdiff.data.sources import SOURCES, DataSourceError
 
-__all__ = ["DataSourceError", "FlowersDataModule"]
+__all__ = ["SOURCES", "DataSourceError", "FlowersDataModule"]

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 from torchvision.transforms import v2
+
+from flowerdiff.files import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +77,6 @@ def decode_images(files: Sequence[Path], image_size: int) -> tuple[torch.Tensor,
         else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
     )
     return stacked, bad
-
-
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """Write to a temp file in the same folder, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_or_build(

@@ -1,165 +1,140 @@
-"""Reverse-process samplers (DDPM, DDIM, DPM-Solver++(2M)) behind one ``sample`` interface.
+"""Samplers: step from noise to data on a family's grid of noise levels, given only a denoiser.
 
-Conventions shared by all samplers:
+A sampler never sees a network, a schedule or a prediction type. It gets a denoiser
+``(x, level) -> x0``, a :class:`~flowerdiff.diffusion.base.SamplingPlan` and the starting state,
+and moves between levels with the coefficients of each level (``x = alpha x0 + sigma eps``).
+Written that way, DDIM, DDPM and DPM-Solver++ run unchanged on EDM's variance-exploding levels
+(alpha = 1) and Heun and Euler on the DDPM family's variance-preserving ones.
 
-* Timesteps follow diffusers' ``timestep_spacing`` definitions exactly (see
-  :meth:`Sampler.timesteps`); the step from ``timesteps[i]`` goes to ``timesteps[i + 1]``, and the
-  last step goes to "t = -1", i.e. ``abar = 1`` (clean data) unless a sampler says otherwise.
-* The model output is converted with the schedule's one set of conversions
-  (:meth:`NoiseSchedule.predict_x0` / :meth:`NoiseSchedule.predict_eps`) and cast to float32, so
-  the step math is float32 even when the model runs under autocast.
-* Fresh noise for stochastic steps comes from :func:`randn_per_image` with one CPU generator per
-  image, so a seed gives the same image whatever the batch split or device.
+Shared conventions:
+
+* The step after the last visited level goes to clean data (alpha = 1, sigma = 0), unless a
+  sampler says otherwise (DDIM's ``final_alpha_one=False``).
+* The denoiser's x0 is post-processed (clipping, dynamic thresholding) as configured before a
+  step uses it; step math is float32 even when the network runs under autocast.
+* Fresh noise comes from :func:`~flowerdiff.diffusion.noise.randn_per_image` with one CPU
+  generator per image, so a seed gives the same image whatever the batch split or device.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flowerdiff.diffusion.schedules import NoiseSchedule, check_prediction_type
+from flowerdiff.diffusion.base import CLEAN, Denoiser, NoiseLevel, SamplerOutput, SamplingPlan
+from flowerdiff.diffusion.noise import randn_per_image
+from flowerdiff.registry import Registry
 
-ModelFn = Callable[[Tensor, Tensor], Tensor]
-TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
-
-
-def make_generators(seed: int, start: int, count: int) -> list[torch.Generator]:
-    """CPU generators for global image indices ``start .. start + count - 1``.
-
-    Image ``i`` gets a generator seeded from ``(seed, i)`` through numpy's SeedSequence (a hash, so
-    nearby seeds/indices give unrelated streams); rank ``r`` making images ``start..start+count``
-    therefore reproduces its slice of the unsharded set exactly.
-    """
-    if seed < 0 or start < 0 or count < 0:
-        raise ValueError(
-            f"make_generators(seed={seed}, start={start}, count={count}): all three must be "
-            "non-negative integers (seed: base seed, start: global index of the first image, "
-            "count: number of images)."
-        )
-    generators = []
-    for index in range(start, start + count):
-        state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
-        generators.append(torch.Generator(device="cpu").manual_seed(int(state)))
-    return generators
-
-
-def randn_per_image(
-    shape: Sequence[int],
-    generators: Sequence[torch.Generator] | None,
-    device: torch.device | str | None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """Standard normal tensor of the full batch ``shape`` = [B, ...].
-
-    With ``generators`` (length B, CPU), image ``b`` is drawn in float32 from ``generators[b]``
-    alone and then moved/cast, so its values do not depend on B, the device or ``dtype``.
-    ``None`` draws from the global RNG directly on ``device``.
-    """
-    shape = tuple(shape)
-    if generators is None:
-        return torch.randn(shape, device=device, dtype=dtype)
-    if len(generators) != shape[0]:
-        raise ValueError(
-            f"randn_per_image got {len(generators)} generators for a batch of {shape[0]} "
-            "images; pass exactly one generator per image (see make_generators) or None."
-        )
-    per_image = [torch.randn(shape[1:], generator=g, device=g.device) for g in generators]
-    return torch.stack(per_image).to(device=device, dtype=dtype)
-
-
-@dataclass
-class SamplerOutput:
-    """Result of :meth:`Sampler.sample`."""
-
-    images: Tensor  # final sample, clamped to [-1, 1]
-    timesteps: list[int]  # timesteps visited, descending
-    intermediates: list[Tensor] = field(default_factory=list)  # x after each step (unclamped)
-    pred_x0: list[Tensor] = field(default_factory=list)  # x0 estimate used at each step
+SAMPLERS: Registry[Sampler] = Registry("sampler", "sampler")
+SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace", "karras")
+# Called after every step with the new state and the level it reached; returns the state to
+# go on from (inpainting puts the known pixels back, flowerdiff.diffusion.editing).
+Projection = Callable[[Tensor, NoiseLevel], Tensor]
 
 
 @dataclass
 class _Run:
-    """Everything one ``sample`` call's steps need, so ``_step`` has one small signature."""
+    """What one ``sample`` call's steps share."""
 
-    schedule: NoiseSchedule
-    prediction_type: str
+    denoiser: Denoiser
+    plan: SamplingPlan
+    end: NoiseLevel  # where the step after the last visited level goes
     generators: Sequence[torch.Generator] | None
-    timesteps: list[int]
-    abar: list[float]  # alphas_cumprod as Python floats (float64 step coefficients)
-    prev_x0: Tensor | None = None  # DPM-Solver history
+    history: Tensor | None = None  # multistep solvers' previous x0
 
-    def abar_at(self, i: int, final: float) -> float:
-        """abar at ``timesteps[i]``; ``final`` once ``i`` is past the last timestep."""
-        return self.abar[self.timesteps[i]] if i < len(self.timesteps) else final
+    def next_level(self, i: int) -> NoiseLevel:
+        levels = self.plan.levels
+        return levels[i + 1] if i + 1 < len(levels) else self.end
+
+    def noise_like(self, x: Tensor) -> Tensor:
+        return randn_per_image(x.shape, self.generators, x.device)
 
 
 class Sampler:
-    """Base class: timestep spacing, x0 post-processing and the sampling loop.
+    """Base class: options shared by every sampler, x0 post-processing and the loop.
 
     Args:
-        num_inference_steps: number of model evaluations (>= 1, <= schedule.num_timesteps).
-        timestep_spacing: ``"leading"`` | ``"trailing"`` | ``"linspace"`` (diffusers semantics).
-        clip_sample: clamp the predicted x0 to [-1, 1] before it is used in a step.
-        dynamic_threshold: Imagen dynamic thresholding percentile ``p`` in (0, 1] (Saharia et al.
-            2022; 0.995 is theirs), or None. Per image, ``s = max(quantile(|x0|, p), 1)`` and x0
-            becomes ``clamp(x0, -s, s) / s``. Takes precedence over ``clip_sample``.
+        num_inference_steps: levels visited (>= 1; for the DDPM family at most T); None: the
+            sampler's own default (:attr:`default_steps`).
+        timestep_spacing: how the family spaces them; DDPM family: ``leading`` | ``trailing`` |
+            ``linspace`` (diffusers' semantics); EDM: the Karras grid. None: the family's default
+            for this sampler (:attr:`default_timestep_spacing` on the DDPM family).
+        clip_sample: clamp the x0 estimate to [-1, 1] before a step uses it.
+        dynamic_threshold: Imagen's dynamic thresholding percentile ``p`` in (0, 1] (Saharia
+            et al. 2022; 0.995 is theirs), or None. Per image, ``s = max(quantile(|x0|, p), 1)``
+            and x0 becomes ``clamp(x0, -s, s) / s``. Takes precedence over ``clip_sample``.
     """
+
+    default_timestep_spacing = "leading"
+    default_steps = 50
 
     def __init__(
         self,
-        num_inference_steps: int = 50,
-        timestep_spacing: str = "leading",
+        num_inference_steps: int | None = None,
+        timestep_spacing: str | None = None,
         clip_sample: bool = True,
         dynamic_threshold: float | None = None,
     ) -> None:
-        name = type(self).__name__
-        if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
+        if num_inference_steps is None:
+            num_inference_steps = self.default_steps
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or num_inference_steps < 1
+        ):
             raise ValueError(
-                f"{name} num_inference_steps={num_inference_steps!r} is invalid; it must be an "
-                "integer >= 1 (the number of denoising steps, at most the schedule's "
-                "num_timesteps)."
+                f"`sampler.num_inference_steps={num_inference_steps!r}` (or `steps=`) is invalid: "
+                "it is the number of denoising steps, an integer >= 1 (50 in the book)."
             )
-        if timestep_spacing not in TIMESTEP_SPACINGS:
+        if timestep_spacing is not None and timestep_spacing not in SPACINGS:
             raise ValueError(
-                f"{name} timestep_spacing={timestep_spacing!r} is not supported. Valid values are "
-                f"{', '.join(map(repr, TIMESTEP_SPACINGS))}, as defined by diffusers "
-                "(for 50 of 1000 steps: leading 980..0, trailing 999..19, linspace 999..0)."
+                f"`sampler.timestep_spacing={timestep_spacing!r}` is not known. Valid values are "
+                f"null (the family's default), {', '.join(map(repr, SPACINGS[:3]))} (DDPM family, "
+                "diffusers' semantics) and 'karras' (EDM)."
             )
-        if dynamic_threshold is not None and not 0.0 < dynamic_threshold <= 1.0:
+        if dynamic_threshold is not None and not (
+            isinstance(dynamic_threshold, int | float)
+            and not isinstance(dynamic_threshold, bool)
+            and 0.0 < dynamic_threshold <= 1.0
+        ):
             raise ValueError(
-                f"{name} dynamic_threshold={dynamic_threshold!r} is invalid; it must be None "
+                f"`sampler.dynamic_threshold={dynamic_threshold!r}` is invalid; it must be null "
                 "(off) or a percentile in (0, 1], e.g. 0.995 as in Imagen."
             )
-        self.num_inference_steps = int(num_inference_steps)
+        self.num_inference_steps = num_inference_steps
         self.timestep_spacing = timestep_spacing
-        self.clip_sample = bool(clip_sample)
+        self.clip_sample = _flag(clip_sample, "clip_sample")
         self.dynamic_threshold = dynamic_threshold
 
+    # -- configuration --------------------------------------------------------------------
+    def options(self) -> dict[str, Any]:
+        """Constructor arguments; subclasses add theirs."""
+        return {
+            "num_inference_steps": self.num_inference_steps,
+            "timestep_spacing": self.timestep_spacing,
+            "clip_sample": self.clip_sample,
+            "dynamic_threshold": self.dynamic_threshold,
+        }
+
+    def to_config(self) -> dict[str, Any]:
+        return {"name": SAMPLERS.name_of(type(self)), **self.options()}
+
+    def with_options(self, **changes: Any) -> Sampler:
+        """A new sampler with some options changed (validated like any config); self is kept."""
+        return SAMPLERS.build({**self.to_config(), **changes})
+
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(num_inference_steps={self.num_inference_steps}, "
-            f"timestep_spacing={self.timestep_spacing!r}, clip_sample={self.clip_sample}, "
-            f"dynamic_threshold={self.dynamic_threshold})"
-        )
+        options = ", ".join(f"{key}={value!r}" for key, value in self.options().items())
+        return f"{type(self).__name__}({options})"
 
-    def timesteps(self, num_train_timesteps: int) -> list[int]:
-        """Descending timesteps, exactly as diffusers' ``set_timesteps`` (steps_offset=0)."""
-        n, T = self.num_inference_steps, num_train_timesteps
-        if self.timestep_spacing == "leading":
-            steps = (np.arange(0, n) * (T // n)).round()[::-1]
-        elif self.timestep_spacing == "trailing":
-            steps = np.round(np.arange(T, 0, -T / n)) - 1
-        else:
-            steps = np.linspace(0, T - 1, n).round()[::-1]
-        return [int(s) for s in steps]
-
-    def _process_x0(self, x0: Tensor) -> Tensor:
+    # -- the loop ---------------------------------------------------------------------------
+    def process_x0(self, x0: Tensor) -> Tensor:
         if self.dynamic_threshold is not None:
             s = torch.quantile(x0.abs().flatten(1), self.dynamic_threshold, dim=1).clamp(min=1.0)
             s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
@@ -168,114 +143,101 @@ class Sampler:
             return x0.clamp(-1.0, 1.0)
         return x0
 
-    def _predict_x0(self, run: _Run, model_output: Tensor, x: Tensor, t_batch: Tensor) -> Tensor:
-        """The model's x0 estimate, clipped or thresholded as configured: what every step uses."""
-        x0 = run.schedule.predict_x0(model_output, x, t_batch, run.prediction_type)
-        return self._process_x0(x0)
+    def end_level(self, plan: SamplingPlan) -> NoiseLevel:
+        return CLEAN
 
-    def _step(
-        self, run: _Run, i: int, x: Tensor, model_output: Tensor, t_batch: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Go from ``timesteps[i]`` (``t_batch``, [B]) to the next; returns (new x, x0 used)."""
+    @property
+    def deterministic(self) -> bool:
+        """True when the sampler draws no fresh noise, so that it integrates the probability-flow
+        ODE and can run it backwards (DDIM inversion, flowerdiff.diffusion.editing)."""
+        return False
+
+    def _step(self, run: _Run, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """From ``plan.levels[i]`` to the next level; returns (new x, the x0 estimate used)."""
         raise NotImplementedError
 
     @torch.no_grad()
     def sample(
         self,
-        model_fn: ModelFn,
-        schedule: NoiseSchedule,
-        noise: Tensor,
-        prediction_type: str = "epsilon",
+        denoiser: Denoiser,
+        plan: SamplingPlan,
+        x: Tensor,
         generators: Sequence[torch.Generator] | None = None,
         return_intermediates: bool = False,
         progress: bool = False,
+        project: Projection | None = None,
     ) -> SamplerOutput:
-        """Denoise ``noise`` (x_T, drawn by the caller) with ``model_fn(x_t, t) -> output``."""
+        """Run every step from ``x`` (the state at ``plan.levels[0]``) to ``plan.end`` (None:
+        :meth:`end_level`); ``project`` maps the state after each step (before it is kept as
+        an intermediate)."""
         name = type(self).__name__
-        check_prediction_type(prediction_type)
-        if self.num_inference_steps > schedule.num_timesteps:
+        if generators is not None and len(generators) != x.shape[0]:
             raise ValueError(
-                f"{name} num_inference_steps={self.num_inference_steps} exceeds the schedule's "
-                f"num_timesteps={schedule.num_timesteps}: a sampler can visit each training "
-                "timestep at most once. Lower num_inference_steps."
+                f"{name}.sample got {len(generators)} generators for a batch of {x.shape[0]}; "
+                "pass one generator per image (make_generators) or None."
             )
-        if generators is not None and len(generators) != noise.shape[0]:
-            raise ValueError(
-                f"{name}.sample got {len(generators)} generators for a batch of "
-                f"{noise.shape[0]}; pass one generator per image (make_generators) or None."
-            )
-        timesteps = self.timesteps(schedule.num_timesteps)
-        run = _Run(
-            schedule=schedule,
-            prediction_type=prediction_type,
-            generators=generators,
-            timesteps=timesteps,
-            abar=schedule.alphas_cumprod.detach().double().cpu().tolist(),
-        )
-        x = noise.float()
-        out = SamplerOutput(images=x, timesteps=timesteps)
-        for i, t in enumerate(tqdm(timesteps, desc=name, disable=not progress, leave=False)):
-            t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-            model_output = model_fn(x, t_batch).float()
-            if model_output.shape != x.shape:
-                raise ValueError(
-                    f"{name}: model output shape {tuple(model_output.shape)} does not match the "
-                    f"sample shape {tuple(x.shape)}; the model must predict one value per pixel."
-                )
-            x, x0 = self._step(run, i, x, model_output, t_batch)
+        end = plan.end if plan.end is not None else self.end_level(plan)
+        run = _Run(denoiser, plan, end, generators)
+        out = SamplerOutput(images=x, levels=list(plan.levels))
+        x = x.float()
+        steps = range(len(plan.levels))
+        for i in tqdm(steps, desc=name, disable=not progress, leave=False):
+            x, x0 = self._step(run, i, x)
+            if project is not None:
+                x = project(x, run.next_level(i))
             if return_intermediates:
-                out.intermediates.append(x)
+                reached = run.next_level(i)
+                scale = math.hypot(reached.alpha, reached.sigma)
+                out.intermediates.append(x if abs(scale - 1.0) < 1e-3 else x / scale)
                 out.pred_x0.append(x0)
+        out.state = x
         out.images = x.clamp(-1.0, 1.0)
         return out
 
 
+@SAMPLERS.register("ddpm")
 class DDPMSampler(Sampler):
-    """Ancestral sampling (Ho et al. 2020) with the posterior variance beta_tilde.
+    """Ancestral sampling (Ho et al. 2020) with the posterior variance.
 
-    With fewer steps than T the step from t to the next visited timestep s uses the posterior of
-    the two-step process: ``alpha = abar_t / abar_s``, ``beta = 1 - alpha`` and
-    ``q(x_s | x_t, x0)`` (as diffusers' DDPMScheduler, variance "fixed_small").
+    Between visited levels s -> p the step uses the posterior of the two-level process
+    ``q(x_p | x_s, x0)``: with ``a = alpha_s / alpha_p`` and ``v = sigma_s^2 - a^2 sigma_p^2``,
+    mean ``alpha_p v / sigma_s^2 x0 + a sigma_p^2 / sigma_s^2 x`` and variance
+    ``v sigma_p^2 / sigma_s^2`` (diffusers' DDPMScheduler, "fixed_small", on VP levels).
     """
 
-    def _step(
-        self, run: _Run, i: int, x: Tensor, model_output: Tensor, t_batch: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        t = run.timesteps[i]
-        x0 = self._predict_x0(run, model_output, x, t_batch)
-        abar_t, abar_prev = run.abar[t], run.abar_at(i + 1, final=1.0)
-        alpha = abar_t / abar_prev
-        beta = 1.0 - alpha
-        mean = (math.sqrt(abar_prev) * beta / (1 - abar_t)) * x0 + (
-            math.sqrt(alpha) * (1 - abar_prev) / (1 - abar_t)
+    default_steps = 1000  # the original method visits every timestep
+
+    def _step(self, run: _Run, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        level, nxt = run.plan.levels[i], run.next_level(i)
+        x0 = self.process_x0(run.denoiser(x, level))
+        ratio = level.alpha_sq / nxt.alpha_sq  # a^2
+        transition = level.sigma_sq - ratio * nxt.sigma_sq  # v
+        mean = (math.sqrt(nxt.alpha_sq) * transition / level.sigma_sq) * x0 + (
+            math.sqrt(ratio) * nxt.sigma_sq / level.sigma_sq
         ) * x
-        variance = (1 - abar_prev) / (1 - abar_t) * beta
+        variance = transition * nxt.sigma_sq / level.sigma_sq
         if variance <= 0.0:
             return mean, x0
-        z = randn_per_image(x.shape, run.generators, x.device)
-        return mean + math.sqrt(max(variance, 1e-20)) * z, x0
+        return mean + math.sqrt(variance) * run.noise_like(x), x0
 
 
+@SAMPLERS.register("ddim")
 class DDIMSampler(Sampler):
-    """DDIM (Song et al. 2021), eta interpolating between deterministic (0) and DDPM-like (1).
+    """DDIM (Song et al. 2021), ``eta`` interpolating between deterministic (0) and DDPM-like (1).
 
     Args:
         eta: noise scale (>= 0); the book uses 1.0.
-        use_clipped_model_output: recompute epsilon from the clipped/thresholded x0 (diffusers'
-            option of the same name); otherwise the direction term uses the raw epsilon.
-        final_alpha_one: abar used after the last timestep. True (diffusers' default
-            ``set_alpha_to_one=True``, which the book relies on) ends on the x0 estimate; False
-            uses ``abar_0`` so the result keeps the noise level of t = 0.
-
-    The previous timestep is the next entry of :meth:`timesteps`. diffusers' DDIMScheduler uses
-    ``t - T // n`` instead, which is the same for "leading" and, when n divides T, "trailing";
-    for "linspace" it ignores the irregular spacing (up to ~0.02 per pixel apart on 50 steps).
+        use_clipped_model_output: recompute the noise direction from the clipped/thresholded
+            x0 (diffusers' option of the same name); otherwise from the raw estimate.
+        final_alpha_one: True (diffusers' ``set_alpha_to_one``, which the book relies on) ends
+            on clean data, i.e. the last x0 estimate; False ends at the family's lowest training
+            level, keeping its small noise.
     """
 
     def __init__(
         self,
-        num_inference_steps: int = 50,
-        timestep_spacing: str = "leading",
+        num_inference_steps: int | None = None,
+        timestep_spacing: str | None = None,
         clip_sample: bool = True,
         dynamic_threshold: float | None = None,
         eta: float = 1.0,
@@ -283,94 +245,179 @@ class DDIMSampler(Sampler):
         final_alpha_one: bool = True,
     ) -> None:
         super().__init__(num_inference_steps, timestep_spacing, clip_sample, dynamic_threshold)
-        if not eta >= 0.0:
+        if isinstance(eta, bool) or not isinstance(eta, int | float) or not eta >= 0.0:
             raise ValueError(
-                f"DDIMSampler eta={eta!r} is invalid; it must be >= 0 (0 = deterministic DDIM, "
-                "1 = DDPM-like stochastic sampling, the book's setting)."
+                f"`sampler.eta={eta!r}` (or `eta=`) is invalid; it must be a number >= 0 "
+                "(0 = deterministic DDIM, 1 = DDPM-like stochastic sampling, the book's setting)."
             )
         self.eta = float(eta)
-        self.use_clipped_model_output = bool(use_clipped_model_output)
-        self.final_alpha_one = bool(final_alpha_one)
+        self.use_clipped_model_output = _flag(use_clipped_model_output, "use_clipped_model_output")
+        self.final_alpha_one = _flag(final_alpha_one, "final_alpha_one")
 
-    def __repr__(self) -> str:
-        return (
-            f"{super().__repr__()[:-1]}, eta={self.eta}, "
-            f"use_clipped_model_output={self.use_clipped_model_output}, "
-            f"final_alpha_one={self.final_alpha_one})"
-        )
+    def options(self) -> dict[str, Any]:
+        return {
+            **super().options(),
+            "eta": self.eta,
+            "use_clipped_model_output": self.use_clipped_model_output,
+            "final_alpha_one": self.final_alpha_one,
+        }
 
-    def _step(
-        self, run: _Run, i: int, x: Tensor, model_output: Tensor, t_batch: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        t = run.timesteps[i]
-        schedule, ptype = run.schedule, run.prediction_type
-        x0 = self._predict_x0(run, model_output, x, t_batch)
-        if self.use_clipped_model_output:
-            eps = schedule.predict_eps(x0, x, t_batch, "x0")
-        else:
-            eps = schedule.predict_eps(model_output, x, t_batch, ptype)
-        abar_t = run.abar[t]
-        abar_prev = run.abar_at(i + 1, final=1.0 if self.final_alpha_one else run.abar[0])
-        # sigma_t(eta) of DDIM eq. (16); the direction coefficient is clamped at 0 for eta > 1.
-        sigma = self.eta * math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
-        direction = math.sqrt(max(1 - abar_prev - sigma**2, 0.0))
-        x_prev = math.sqrt(abar_prev) * x0 + direction * eps
-        if sigma > 0.0:
-            x_prev = x_prev + sigma * randn_per_image(x.shape, run.generators, x.device)
-        return x_prev, x0
+    def end_level(self, plan: SamplingPlan) -> NoiseLevel:
+        return CLEAN if self.final_alpha_one else plan.lowest
 
+    @property
+    def deterministic(self) -> bool:
+        return self.eta == 0.0
 
-def _log_snr_half(abar: float) -> float:
-    """lambda = log(alpha / sigma) = 0.5 log(abar / (1 - abar)), +-inf at abar = 1 / 0."""
-    if abar <= 0.0:
-        return -math.inf
-    if abar >= 1.0:
-        return math.inf
-    return 0.5 * (math.log(abar) - math.log1p(-abar))
+    def _step(self, run: _Run, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        level, nxt = run.plan.levels[i], run.next_level(i)
+        raw = run.denoiser(x, level)
+        x0 = self.process_x0(raw)
+        eps = (x - level.alpha * (x0 if self.use_clipped_model_output else raw)) / level.sigma
+        # sigma_eta of DDIM eq. (16): eta times the posterior std; the direction term keeps the
+        # rest of the next level's noise (clamped at 0 for eta > 1). With eta = 0 the posterior
+        # is not needed, nor defined when inversion steps up to a zero-SNR level.
+        noise_std = 0.0
+        if self.eta > 0.0:
+            ratio = level.alpha_sq / nxt.alpha_sq
+            posterior = (level.sigma_sq - ratio * nxt.sigma_sq) * nxt.sigma_sq / level.sigma_sq
+            noise_std = self.eta * math.sqrt(max(posterior, 0.0))
+        direction = math.sqrt(max(nxt.sigma_sq - noise_std**2, 0.0))
+        x_next = math.sqrt(nxt.alpha_sq) * x0 + direction * eps
+        if noise_std > 0.0:
+            x_next = x_next + noise_std * run.noise_like(x)
+        return x_next, x0
 
 
+@SAMPLERS.register("dpm_solver")
 class DPMSolverSampler(Sampler):
-    """DPM-Solver++(2M) (Lu et al. 2022): multistep 2nd order, data (x0) prediction, in lambda.
+    """DPM-Solver++(2M) (Lu et al. 2022): multistep 2nd order, x0 prediction, in log-SNR.
 
     The first step (no history) and the final step are first order, as diffusers'
-    DPMSolverMultistepScheduler with ``lower_order_final=True`` and ``final_sigmas_type="zero"``:
-    the final step goes to sigma = 0 (lambda = +inf), where the second-order correction is
-    undefined, and returns the x0 estimate. Stepping between lambda values uses exp(-h) - 1
-    (``expm1``), which is exact for infinite lambdas (zero terminal SNR at the start, sigma = 0 at
-    the end).
-
-    Defaults differ from the base class on purpose: 20 steps, ``"trailing"`` spacing. With
-    "leading" the grid ends ..., 50, 0 and the second-order step 50 -> 0 extrapolates over a
-    lambda gap 3.7x the previous one; on the book schedule with an exact Gaussian denoiser this
-    gives a per-sample error of ~0.17 at 20 steps versus ~0.007 with "trailing" (same numbers
-    as diffusers with those timesteps).
+    DPMSolverMultistepScheduler with ``lower_order_final=True`` and ``final_sigmas_type="zero"``.
+    Stepping uses exp(-h) - 1 (``expm1``), exact for infinite log-SNRs (zero terminal SNR at the
+    start, clean data at the end). On the DDPM family it prefers "trailing" spacing: with
+    "leading" the last step spans a much larger log-SNR gap and the error grows ~20x.
     """
+
+    default_timestep_spacing = "trailing"
+    default_steps = 20
+
+    @property
+    def deterministic(self) -> bool:
+        return True
+
+    def _step(self, run: _Run, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        level, nxt = run.plan.levels[i], run.next_level(i)
+        x0 = self.process_x0(run.denoiser(x, level))
+        lam = level.log_snr
+        h = nxt.log_snr - lam
+        phi = math.expm1(-h)  # exp(-h) - 1
+        x_next = math.sqrt(nxt.sigma_sq / level.sigma_sq) * x - (math.sqrt(nxt.alpha_sq) * phi) * x0
+        is_last = i == len(run.plan.levels) - 1
+        if run.history is not None and not is_last:
+            h_prev = lam - run.plan.levels[i - 1].log_snr
+            d1 = (h / h_prev) * (x0 - run.history)  # (1 / r0) (m0 - m1), r0 = h_prev / h
+            x_next = x_next - (0.5 * math.sqrt(nxt.alpha_sq) * phi) * d1
+        run.history = x0
+        return x_next, x0
+
+
+@SAMPLERS.register("euler")
+class EulerSampler(Sampler):
+    """Euler on the probability-flow ODE in VE coordinates (EDM Algorithm 2 without the
+    correction): y = x / alpha, s = sigma / alpha, dy/ds = (y - x0) / s. One network
+    evaluation per step. On the DDPM family this is DDIM with eta = 0 (without clipping).
+
+    Args:
+        s_churn, s_min, s_max, s_noise: EDM's stochasticity. Levels with s_min <= s <= s_max
+            are first raised to ``s (1 + gamma)`` with ``gamma = min(s_churn / N, sqrt(2) - 1)``
+            by adding noise (times ``s_noise``); ``s_churn = 0`` is the deterministic ODE.
+    """
+
+    default_timestep_spacing = "trailing"
+    second_order = False
 
     def __init__(
         self,
-        num_inference_steps: int = 20,
-        timestep_spacing: str = "trailing",
-        clip_sample: bool = True,
+        num_inference_steps: int | None = None,
+        timestep_spacing: str | None = None,
+        clip_sample: bool = False,
         dynamic_threshold: float | None = None,
+        s_churn: float = 0.0,
+        s_min: float = 0.0,
+        s_max: float = math.inf,
+        s_noise: float = 1.0,
     ) -> None:
         super().__init__(num_inference_steps, timestep_spacing, clip_sample, dynamic_threshold)
+        for key, value in (("s_churn", s_churn), ("s_min", s_min), ("s_max", s_max)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise ValueError(f"`sampler.{key}={value!r}` must be a number >= 0.")
+        if isinstance(s_noise, bool) or not isinstance(s_noise, int | float) or not s_noise > 0:
+            raise ValueError(f"`sampler.s_noise={s_noise!r}` must be a number > 0 (EDM: 1.0).")
+        self.s_churn = float(s_churn)
+        self.s_min = float(s_min)
+        self.s_max = float(s_max)
+        self.s_noise = float(s_noise)
 
-    def _step(
-        self, run: _Run, i: int, x: Tensor, model_output: Tensor, t_batch: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        t = run.timesteps[i]
-        x0 = self._predict_x0(run, model_output, x, t_batch)
-        abar_s, abar_next = run.abar[t], run.abar_at(i + 1, final=1.0)
-        sigma_s = math.sqrt(1 - abar_s)
-        alpha_n, sigma_n = math.sqrt(abar_next), math.sqrt(1 - abar_next)
-        lam_s = _log_snr_half(abar_s)
-        h = _log_snr_half(abar_next) - lam_s
-        phi = math.expm1(-h)  # exp(-h) - 1
-        x_next = (sigma_n / sigma_s) * x - (alpha_n * phi) * x0
-        is_last = i == len(run.timesteps) - 1
-        if run.prev_x0 is not None and not is_last:
-            h_prev = lam_s - _log_snr_half(run.abar[run.timesteps[i - 1]])
-            d1 = (h / h_prev) * (x0 - run.prev_x0)  # (1 / r0) (m0 - m1), r0 = h_prev / h
-            x_next = x_next - (0.5 * alpha_n * phi) * d1
-        run.prev_x0 = x0
-        return x_next, x0
+    def options(self) -> dict[str, Any]:
+        return {
+            **super().options(),
+            "s_churn": self.s_churn,
+            "s_min": self.s_min,
+            "s_max": self.s_max,
+            "s_noise": self.s_noise,
+        }
+
+    @property
+    def deterministic(self) -> bool:
+        return self.s_churn == 0.0
+
+    def _step(self, run: _Run, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        level, nxt = run.plan.levels[i], run.next_level(i)
+        if level.alpha == 0:
+            raise ValueError(
+                f"{type(self).__name__} steps in variance-exploding coordinates, but the first "
+                "level holds no signal (zero terminal SNR). Use sampler=ddim or "
+                "sampler=dpm_solver with zero_terminal_snr, or trailing spacing without it."
+            )
+        s, s_next = level.ve_sigma, nxt.ve_sigma
+        y = x / level.alpha if level.alpha != 1.0 else x
+        gamma = 0.0
+        if self.s_churn > 0 and self.s_min <= s <= self.s_max:
+            gamma = min(self.s_churn / len(run.plan.levels), math.sqrt(2) - 1)
+        if gamma > 0:
+            s_hat = s * (1 + gamma)
+            level = run.plan.level_at_ve_sigma(s_hat)
+            y = y + math.sqrt(s_hat**2 - s**2) * self.s_noise * run.noise_like(y)
+            s = s_hat
+        x0 = self.process_x0(run.denoiser(_scaled(y, level), level))
+        slope = (y - x0) / s
+        y_next = y + (s_next - s) * slope
+        if self.second_order and s_next > 0:
+            x0_next = self.process_x0(run.denoiser(_scaled(y_next, nxt), nxt))
+            slope_next = (y_next - x0_next) / s_next
+            y_next = y + (s_next - s) * (0.5 * slope + 0.5 * slope_next)
+        return _scaled(y_next, nxt), x0
+
+
+@SAMPLERS.register("heun")
+class HeunSampler(EulerSampler):
+    """EDM's Heun sampler (Karras et al. 2022, Algorithm 2): Euler plus a trapezoidal
+    correction, second order; N steps cost 2N - 1 network evaluations (the last step, to
+    sigma = 0, is Euler)."""
+
+    second_order = True
+    default_steps = 18  # EDM's: 35 network evaluations
+
+
+def _flag(value: object, key: str) -> bool:
+    """A yes/no option: a real boolean (the string "false" is not False)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`sampler.{key}={value!r}` must be true or false.")
+    return value
+
+
+def _scaled(y: Tensor, level: NoiseLevel) -> Tensor:
+    """VE coordinates back to the family's own: x = alpha * y."""
+    return y if level.alpha == 1.0 else level.alpha * y

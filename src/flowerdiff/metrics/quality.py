@@ -20,7 +20,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
-from flowerdiff.data.cache import atomic_torch_save, cache_key
+from flowerdiff.data.cache import cache_key
+from flowerdiff.files import atomic_torch_save
 from flowerdiff.metrics.features import extractor_fingerprint
 
 log = logging.getLogger(__name__)
@@ -175,8 +176,54 @@ def datamodule_reference(
     All images of the source count, the validation hold-out included: FID's reference is the
     data distribution, and the split seed must not change the score.
     """
-    hp = datamodule.hparams
-    data_key = f"{hp.source}|{cache_key(datamodule.image_files(), hp.image_size)}"
-    return reference_features(
-        datamodule.load_images, data_key, extractor, cache_dir, batch_size, device, progress
+    data_key = (
+        f"{datamodule.source_name}|{cache_key(datamodule.image_files(), datamodule.image_size)}"
     )
+
+    def images() -> Tensor:
+        # The set the data module already decoded for training (setup), else decode it now.
+        decoded = getattr(datamodule, "images", None)
+        return decoded if decoded is not None else datamodule.load_images()
+
+    return reference_features(images, data_key, extractor, cache_dir, batch_size, device, progress)
+
+
+def _kth_neighbour_radii(features: Tensor, k: int, chunk: int) -> Tensor:
+    """Distance of each feature to its k-th nearest neighbour in the same set (self excluded)."""
+    radii = []
+    for start in range(0, len(features), chunk):
+        distances = torch.cdist(features[start : start + chunk], features)
+        # the k+1 smallest include the point itself at distance 0
+        radii.append(distances.topk(k + 1, dim=1, largest=False).values[:, -1])
+    return torch.cat(radii)
+
+
+def _coverage(queries: Tensor, support: Tensor, radii: Tensor, chunk: int) -> float:
+    """Share of ``queries`` inside at least one ball (support_i, radius_i)."""
+    inside = 0
+    for start in range(0, len(queries), chunk):
+        distances = torch.cdist(queries[start : start + chunk], support)
+        inside += int((distances <= radii[None, :]).any(dim=1).sum())
+    return inside / max(len(queries), 1)
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = 3, chunk: int = 1024) -> dict[str, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) on feature vectors.
+
+    Each set's manifold is the union of balls around its points with radius the distance to
+    the k-th nearest neighbour; precision is the share of generated samples inside the real
+    manifold (fidelity), recall the share of real samples inside the generated one (diversity,
+    what strong guidance loses). Computed in float64 on the CPU, in chunks.
+    """
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(
+            f"precision/recall with k={k} needs more than {k} real and generated images; got "
+            f"{len(real)} and {len(fake)}."
+        )
+    real, fake = real.double().cpu(), fake.double().cpu()
+    real_radii = _kth_neighbour_radii(real, k, chunk)
+    fake_radii = _kth_neighbour_radii(fake, k, chunk)
+    return {
+        "precision": _coverage(fake, real, real_radii, chunk),
+        "recall": _coverage(real, fake, fake_radii, chunk),
+    }

@@ -1,5 +1,13 @@
-"""Denoising networks: the chapter-15 U-Net and its building blocks."""
+"""Denoising networks, registered by name: ``model.net.name`` picks one."""
+
+from __future__ import annotations
+
+from torch import nn
 
 from flowerdiff.models.unet import UNet
+from flowerdiff.registry import Registry
 
-__all__ = ["UNet"]
+NETWORKS: Registry[nn.Module] = Registry("network", "model.net")
+NETWORKS.register("unet")(UNet)
+
+__all__ = ["NETWORKS", "UNet"]

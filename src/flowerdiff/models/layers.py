@@ -42,15 +42,22 @@ class ResidualBlock(nn.Module):
     The skip is a 1x1 conv only when the channel count changes. The time embedding passes
     through SiLU twice before its projection (once in ``forward``, once in the book's
     ``Sequential(SiLU, Linear)``); we keep that so the function matches the book exactly.
+    ``dropout`` (0 in the book) acts before the second convolution, where ADM puts it.
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, temb_dim: int, norm_groups: int = 8
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_dim: int,
+        norm_groups: int = 8,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm1 = nn.GroupNorm(norm_groups, out_channels)
         self.time_proj = nn.Linear(temb_dim, out_channels)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.norm2 = nn.GroupNorm(norm_groups, out_channels)
         self.shortcut = (
@@ -62,7 +69,7 @@ class ResidualBlock(nn.Module):
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         h = F.silu(self.norm1(self.conv1(x)))
         h = h + self.time_proj(F.silu(F.silu(temb)))[:, :, None, None]
-        h = F.silu(self.norm2(self.conv2(h)))
+        h = F.silu(self.norm2(self.conv2(self.dropout(h))))
         return h + self.shortcut(x)
 
 
