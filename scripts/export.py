@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
-    from flowerdiff.infra.errors import exit_on_user_error
+    from flowerdiff.tasks.errors import exit_on_user_error
     from flowerdiff.tasks.export import export
 
     with exit_on_user_error():

@@ -15,8 +15,8 @@ os.environ.setdefault("FLOWERDIFF_ROOT", str(Path(__file__).resolve().parents[1]
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Returns the optimized metric for sweepers; a failed multirun job returns None."""
-    from flowerdiff.infra.errors import exit_on_user_error
     from flowerdiff.infra.rundir import run_directory_lock
+    from flowerdiff.tasks.errors import exit_on_user_error
     from flowerdiff.tasks.sweep import run_task
     from flowerdiff.tasks.train import train
 

@@ -133,7 +133,9 @@ def test_every_diffusion_family_and_sampler_validate_and_sample(
     # (tiny_config's sampler.num_inference_steps=4 applies to every sampler)
     spec = validate_train_config(tiny_config(f"diffusion={family}", f"sampler={sampler}"))
     # an option may be a preset of a family (ddpm_v is the DDPM family with v and min-SNR)
-    assert family.startswith(spec.diffusion["name"]) and spec.diffusion["sampler"]["name"] == sampler
+    assert (
+        family.startswith(spec.diffusion["name"]) and spec.diffusion["sampler"]["name"] == sampler
+    )
     module = DiffusionModule.from_spec(spec).eval()
     images = module.sample(2, seed=0).images
     assert images.shape == (2, 3, 16, 16) and bool(images.isfinite().all())

@@ -404,7 +404,7 @@ def check_output_dir(path: Any, key: str, problems: Problems) -> None:
 class RunDirCheck(HydraCallback):
     """Hydra callback: an unwritable ``hydra.run.dir`` becomes one paragraph and exit status 1,
     before Hydra fails to create the folder with a traceback of its own (it creates the run
-    folder before the task, and so before :func:`~flowerdiff.infra.errors.exit_on_user_error`,
+    folder before the task, and so before :func:`~flowerdiff.tasks.errors.exit_on_user_error`,
     can check anything)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:

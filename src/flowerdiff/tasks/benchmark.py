@@ -235,6 +235,28 @@ def median(values: list[float]) -> float:
     return float(torch.tensor(values).median())
 
 
+def measuring_trainer(
+    accelerator: str, precision: Any, max_steps: int, callbacks: list[L.Callback], **options: Any
+) -> L.Trainer:
+    """A Trainer that only trains, for timing (benchmark, race): no logger, checkpoints,
+    progress bar, model summary or validation to add their cost."""
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        benchmark=accelerator == "cuda",
+        callbacks=callbacks,
+        **options,
+    )
+
+
 def lightning_step(
     cfg: DictConfig, images: Tensor, device: torch.device, precision: str, profile: bool = False
 ) -> dict[str, Any]:
@@ -244,20 +266,12 @@ def lightning_step(
     timer = StepTimer(warmup, device)
     # The full per-hook report goes to a file beside the JSON; the table shows the top entries.
     profiler = SimpleProfiler(Path(cfg.output).parent, "lightning_profile") if profile else None
-    trainer = L.Trainer(
-        accelerator=device.type,
-        devices=1,
-        precision=precision,
-        max_steps=warmup + steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        benchmark=device.type == "cuda",
+    trainer = measuring_trainer(
+        device.type,
+        precision,
+        warmup + steps,
+        [*instantiate_callbacks(cfg.get("callbacks")), timer],
         profiler=profiler,
-        callbacks=[*instantiate_callbacks(cfg.get("callbacks")), timer],
     )
     trainer.fit(module, datamodule=BenchmarkData(images, cfg.batch_size))
     result = {

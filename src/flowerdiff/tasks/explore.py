@@ -389,25 +389,13 @@ class Explorer:
         seed = _integer(seed, "seed", minimum=0)
         count = _integer(num_images, "number of images", 1, self.max_images)
         source = to_model_image(picture, settings.module.image_shape)
-        start = time.perf_counter()
-        out = editing.image_to_image(
-            settings.module,
-            source.expand(count, -1, -1, -1),
-            strength,
-            seed=seed,
-            sampler=settings.sampler,
-            labels=settings.labels(count),
-            guidance=settings.guidance,
-            autocast=self.autocast,
-            return_intermediates=self.trajectory_images > 0,
-            progress=True,
-        )
-        return self._result(
-            out.images.cpu(),
-            out,
+        return self._edit(
+            editing.image_to_image,
             settings,
-            time.perf_counter() - start,
+            source.expand(count, -1, -1, -1),
             f"seed {seed}, strength {strength:g}",
+            strength=strength,
+            seed=seed,
         )
 
     def inpaint(
@@ -447,28 +435,40 @@ class Explorer:
         seed = _integer(seed, "seed", minimum=0)
         count = _integer(num_images, "number of images", 1, self.max_images)
         source = to_model_image(picture, shape)
-        start = time.perf_counter()
-        out = editing.inpaint(
-            settings.module,
+        return self._edit(
+            editing.inpaint,
+            settings,
             source.expand(count, -1, -1, -1),
-            mask,
+            f"seed {seed}, jump length {jump_length}, resampling {resample}",
+            mask=mask,
             seed=seed,
-            sampler=settings.sampler,
-            labels=settings.labels(count),
-            guidance=settings.guidance,
             jump_length=jump_length,
             resample=resample,
+        )
+
+    def _edit(
+        self,
+        operation: Callable[..., SamplerOutput],
+        settings: Settings,
+        images: Tensor,
+        what: str,
+        **options: Any,
+    ) -> Result:
+        """Run an editing operation of flowerdiff.training.editing on ``images`` with the
+        page's sampler, class and guidance, timed and rendered like a generation."""
+        start = time.perf_counter()
+        out = operation(
+            settings.module,
+            images,
+            sampler=settings.sampler,
+            labels=settings.labels(len(images)),
+            guidance=settings.guidance,
             autocast=self.autocast,
             return_intermediates=self.trajectory_images > 0,
             progress=True,
+            **options,
         )
-        return self._result(
-            out.images.cpu(),
-            out,
-            settings,
-            time.perf_counter() - start,
-            f"seed {seed}, jump length {jump_length}, resampling {resample}",
-        )
+        return self._result(out.images.cpu(), out, settings, time.perf_counter() - start, what)
 
     def interpolate(
         self,

@@ -71,6 +71,7 @@ from flowerdiff.metrics.features import to_uint8
 from flowerdiff.metrics.quality import SampleQuality, datamodule_reference, extract_features
 from flowerdiff.tasks.benchmark import (
     CPU_ATTENTION_FLOPS,
+    measuring_trainer,
     peer_unet,
     train_flops_per_image,
 )
@@ -230,21 +231,9 @@ def fixed_horizon(factory: Callable[..., Any], horizon: int, optimizer: Any, tot
 
 
 def ours_trainer(cfg: DictConfig, callbacks: list[L.Callback], max_steps: int) -> L.Trainer:
-    return L.Trainer(
-        accelerator=cfg.device,
-        devices=1,
-        precision=resolve_precision(cfg.trainer.precision, cfg.device),
-        max_epochs=-1,
-        max_steps=max_steps,  # the clock stops the real run; finite for Lightning's estimate
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        benchmark=cfg.device == "cuda",
-        callbacks=callbacks,
-    )
+    # max_steps: the clock stops the real run; finite for Lightning's estimate of its length
+    precision = resolve_precision(cfg.trainer.precision, cfg.device)
+    return measuring_trainer(cfg.device, precision, max_steps, callbacks, max_epochs=-1)
 
 
 def ema_net(trainer: L.Trainer, module: L.LightningModule) -> tuple[nn.Module, str]:
