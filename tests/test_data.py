@@ -468,3 +468,22 @@ def test_real_shared_labels_are_oxfords_ids_minus_one() -> None:
     assert labels == [int(official[n - 1]) - 1 for n in numbers]
     with pytest.raises(DataSourceError, match=r"labels\.csv, line \d+: label 102 .*=101"):
         dm.check(101)
+
+
+def test_cache_key_follows_contents_not_timestamps(tmp_path: Path) -> None:
+    """A folder restored unchanged (new mtimes) keeps its caches (decoded images, FID reference);
+    one changed pixel, size or file list gives a new key."""
+    import os
+
+    folder = write_images(tmp_path / "images", 3)
+    files = sorted(folder.glob("*.png"))
+    key = cache_module.cache_key(files, 16)
+    for path in files:
+        os.utime(path, (1e9, 1e9))
+    assert cache_module.cache_key(files, 16) == key
+    assert cache_module.cache_key(files, 32) != key
+    assert cache_module.cache_key(files[:2], 16) != key
+    pixels = np.asarray(Image.open(files[0])).copy()
+    pixels[0, 0, 0] ^= 1
+    Image.fromarray(pixels).save(files[0])
+    assert cache_module.cache_key(files, 16) != key
