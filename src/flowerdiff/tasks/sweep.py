@@ -71,7 +71,8 @@ def run_task(train: Callable[[DictConfig], Mapping[str, float]], cfg: DictConfig
         if problem and multirun:
             raise UnusableMetricError(problem)
         if problem:  # a single run's result is not compared with anything: keep it
-            log.warning(problem)
+            missing = metrics.get(metric) is None  # e.g. a run shorter than the FID interval
+            log.log(logging.INFO if missing else logging.WARNING, problem)
         status = "completed"
     except Exception as exc:
         status = "failed"
