@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
 from flowerdiff.infra.config import ConfigError
@@ -161,3 +161,14 @@ def test_auto_peer_width_matches_our_parameter_count(tmp_path: Path) -> None:
     assert peer_width(cfg, 2_764_259) == 0.125  # unet_cpu: 1.79M is nearer than x0.1875's 4.0M
     assert peer_width(cfg, 4_000_000) == 0.1875
     assert peer_width(race_config(tmp_path, "peer.width=0.5"), 1) == 0.5
+
+
+def test_our_default_side_is_the_cpu_quick_recipe(tmp_path: Path) -> None:
+    """conf/race.yaml repeats the recipe's values (its callbacks group holds only the EMA):
+    they must not drift from experiment=cpu_quick."""
+    race = compose_config([], config_name="race", output_dir=tmp_path / "race")
+    quick = compose_config(["experiment=cpu_quick"], output_dir=tmp_path / "train")
+    for key in ("model", "diffusion", "sampler", "optimizer", "lr_scheduler", "callbacks.ema"):
+        assert OmegaConf.select(race, key) == OmegaConf.select(quick, key), key
+    for key in ("data.batch_size", "data.image_size"):
+        assert OmegaConf.select(race, key) == OmegaConf.select(quick, key), key
