@@ -7,15 +7,36 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from PIL import Image
+from torch import Tensor, nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "conf"
 SHARED_FLOWERS = REPO_ROOT.parent / "shared" / "data" / "flowers102_64"
+
+
+class TinyFeatures(nn.Module):
+    """A fixed random conv net standing in for Inception in tests: uint8 images -> 8 features
+    (Hydra builds it by name, e.g. ``test_fid.TinyFeatures``, in side processes too)."""
+
+    num_features = 8
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=generator))
+            self.conv.bias.zero_()
+
+    def forward(self, images: Tensor) -> Tensor:
+        return torch.tanh(self.conv(images.float() / 127.5 - 1)).mean(dim=(2, 3))
+
 
 # The smallest real run: unet_tiny on 16x16 images, one epoch of 3 CPU steps (12 train and 4
 # validation images of the 16 that `image_folder` writes), no network.

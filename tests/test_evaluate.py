@@ -12,30 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import DictConfig
-from torch import Tensor, nn
 
 import flowerdiff.tasks.evaluate as evaluate_task
 from flowerdiff.data.sources import DataSourceError
 from flowerdiff.infra.config import ConfigError
 from flowerdiff.tasks.evaluate import evaluate
 
-from conftest import REPO_ROOT, compose_config, write_images
-
-
-class TinyFeatures(nn.Module):
-    """A fixed random conv net standing in for Inception: uint8 images -> 8 features."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=generator))
-            self.conv.bias.zero_()
-
-    def forward(self, images: Tensor) -> Tensor:
-        x = images.float() / 127.5 - 1
-        return torch.tanh(self.conv(x)).mean(dim=(2, 3))
+from conftest import REPO_ROOT, TinyFeatures, compose_config, write_images
 
 
 def evaluate_config(tmp_path: Path, image_folder: Path, *overrides: str) -> DictConfig:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import WeightAveraging
 from omegaconf import DictConfig, OmegaConf, open_dict
 from scipy import linalg
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.utils import parameters_to_vector
 
 from flowerdiff.callbacks.fid import FIDCallback
@@ -27,25 +27,7 @@ from flowerdiff.tasks.train import train
 from flowerdiff.training.generate import balanced_labels, shard
 from flowerdiff.training.module import DiffusionModule
 
-from conftest import SHARED_FLOWERS, TINY_OVERRIDES, compose_config
-
-
-class TinyFeatures(nn.Module):
-    """A fixed random conv net standing in for Inception in tests: uint8 images -> 8 features."""
-
-    num_features = 8
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=generator))
-            self.conv.bias.zero_()
-
-    def forward(self, images: Tensor) -> Tensor:
-        x = images.float() / 127.5 - 1
-        return torch.tanh(self.conv(x)).mean(dim=(2, 3))
+from conftest import SHARED_FLOWERS, TINY_OVERRIDES, TinyFeatures, compose_config
 
 
 class CountingFeatures(TinyFeatures):
