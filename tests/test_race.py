@@ -8,11 +8,11 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torch import Tensor, nn
 
 from flowerdiff.infra.config import ConfigError
 from flowerdiff.tasks.race import Clock, format_table, peer_width, resolve_config, run_race
@@ -22,23 +22,6 @@ from conftest import compose_config, write_images
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 TESTS = Path(__file__).resolve().parent
 BUDGET_S = 3.0
-
-
-class TinyFeatures(nn.Module):
-    """A fixed random conv net standing in for Inception (the side processes import it)."""
-
-    num_features = 8
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=generator))
-            self.conv.bias.zero_()
-
-    def forward(self, images: Tensor) -> Tensor:
-        return torch.tanh(self.conv(images.float() / 127.5 - 1)).mean(dim=(2, 3))
 
 
 def race_config(tmp_path: Path, *extra: str) -> DictConfig:
@@ -70,7 +53,7 @@ def race_config(tmp_path: Path, *extra: str) -> DictConfig:
         output_dir=tmp_path / "run",
     )
     with open_dict(cfg):
-        cfg.feature_extractor = {"_target_": "test_race.TinyFeatures"}
+        cfg.feature_extractor = {"_target_": "conftest.TinyFeatures"}
     return cfg
 
 
@@ -172,3 +155,32 @@ def test_our_default_side_is_the_cpu_quick_recipe(tmp_path: Path) -> None:
         assert OmegaConf.select(race, key) == OmegaConf.select(quick, key), key
     for key in ("data.batch_size", "data.image_size"):
         assert OmegaConf.select(race, key) == OmegaConf.select(quick, key), key
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "${oc.decode:'{_target_: builtins.open, file: MARKER, mode: a}'}",
+        {"_target_": "builtins.open", "file": "MARKER", "mode": "a"},
+    ],
+    ids=["resolver", "target"],
+)
+def test_evaluate_only_reads_a_race_directory_as_data(tmp_path: Path, payload: Any) -> None:
+    """A race directory from elsewhere cannot make `evaluate_only` call what it names."""
+    cfg = race_config(tmp_path, "evaluate_only=true")
+    folder = Path(cfg.output).parent / "race"
+    marker = tmp_path / "marker"
+    stored = OmegaConf.to_container(resolve_config(race_config(tmp_path)))
+    if isinstance(payload, str):
+        payload = payload.replace("MARKER", str(marker))
+    else:
+        payload = {**payload, "file": str(marker)}
+    stored["data"]["root"] = payload
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(stored), folder / "config.yaml")
+    for side in ("ours", "peer"):
+        (folder / side).mkdir(exist_ok=True)
+        (folder / side / "train.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"config.yaml is read as data.*data\.root"):
+        run_race(cfg)
+    assert not marker.exists()

@@ -688,9 +688,42 @@ def reuse_training(cfg: DictConfig, folder: Path) -> DictConfig:
             "do not exist. Point hydra.run.dir at that race's run directory."
         )
     earlier = OmegaConf.load(folder / "config.yaml")
+    unsafe = callable_parts(OmegaConf.to_container(earlier), OmegaConf.to_container(cfg))
+    if unsafe:
+        raise ConfigError(
+            f"{folder / 'config.yaml'} is read as data, and it names what this checkout's race "
+            f"config does not: {'; '.join(unsafe)}. A race directory's config holds resolved "
+            "values and the call targets of conf/race.yaml; re-run the race instead of "
+            "re-scoring a directory from elsewhere."
+        )
     for key in EVALUATION_KEYS:
         OmegaConf.update(earlier, key, OmegaConf.select(cfg, key), merge=False)
     return earlier
+
+
+HYDRA_CALL_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
+
+
+def callable_parts(stored: Any, current: Any, key: str = "") -> list[str]:
+    """What in a stored race config could make this program call something: any interpolation
+    (a resolver runs code), and Hydra call keys that differ from this checkout's config at the
+    same key. Everything else in it is a plain value."""
+    found: list[str] = []
+    if isinstance(stored, str) and "${" in stored:
+        found.append(f"{key or '<root>'}={stored!r} (an interpolation)")
+    elif isinstance(stored, dict):
+        for name, value in stored.items():
+            child = f"{key}.{name}" if key else str(name)
+            here = current.get(name) if isinstance(current, dict) else None
+            if name in HYDRA_CALL_KEYS and value != here:
+                found.append(f"{child}={value!r}")
+            else:
+                found += callable_parts(value, here, child)
+    elif isinstance(stored, list):
+        for index, value in enumerate(stored):
+            here = current[index] if isinstance(current, list) and index < len(current) else None
+            found += callable_parts(value, here, f"{key}[{index}]")
+    return found
 
 
 def run_processes(config_path: Path, folder: Path, sides: list[str], threads: int) -> None:
