@@ -121,13 +121,16 @@ def test_clock_saves_due_snapshots_and_stops_at_the_budget() -> None:
 
 
 def test_bad_settings_are_reported_together(tmp_path: Path) -> None:
-    cfg = race_config(tmp_path, "image_size=48", "snapshots=0", "peer.sampler=euler")
+    cfg = race_config(
+        tmp_path, "image_size=48", "snapshots=0", "peer.sampler=euler", "peer.mixed_precision=fp16"
+    )
     with pytest.raises(ConfigError) as error:
         resolve_config(cfg)
     message = str(error.value)
-    assert "3 problems" in message
+    assert "4 problems" in message
     assert "`image_size=48`" in message and "`snapshots=0`" in message
     assert "`peer.sampler='euler'`" in message
+    assert "`peer.mixed_precision='fp16'` must be no or bf16" in message
 
 
 def test_missing_data_folder_names_the_key(tmp_path: Path) -> None:
@@ -153,7 +156,7 @@ def test_our_default_side_is_the_cpu_quick_recipe(tmp_path: Path) -> None:
     quick = compose_config(["experiment=cpu_quick"], output_dir=tmp_path / "train")
     for key in ("model", "diffusion", "sampler", "optimizer", "lr_scheduler", "callbacks.ema"):
         assert OmegaConf.select(race, key) == OmegaConf.select(quick, key), key
-    for key in ("data.batch_size", "data.image_size"):
+    for key in ("data.batch_size", "data.image_size", "trainer.precision"):
         assert OmegaConf.select(race, key) == OmegaConf.select(quick, key), key
 
 

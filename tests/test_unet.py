@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from flowerdiff.models import NETWORKS, UNet
-from flowerdiff.models.layers import AttentionBlock
+from flowerdiff.models.layers import AttentionBlock, GroupNorm32
 
 BOOK = {"hidden_dims": [128, 256, 512, 1024]}
 SMALL = {"hidden_dims": [64, 128, 256, 512]}
@@ -304,6 +304,42 @@ def test_attention_matches_explicit_softmax() -> None:
     attn = torch.einsum("bhdi,bhdj->bhij", q, k).mul(1 / math.sqrt(4)).softmax(-1)
     out = torch.einsum("bhij,bhdj->bhdi", attn, v).reshape(2, 8, 3, 5)
     torch.testing.assert_close(block(x), x + block.to_out(out))
+
+
+def test_norm_and_attention_compute_in_float32_under_cpu_bf16_autocast(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CPU autocast would run GroupNorm and attention in bfloat16 (slower in backward on the CPU,
+    and coarser); ours compute them in float32 and hand back the input's dtype. In float32,
+    GroupNorm32 is nn.GroupNorm exactly."""
+    torch.manual_seed(0)
+    norm = GroupNorm32(4, 16)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(2, 16, 8, 8) * 3 + 1
+    plain = torch.nn.GroupNorm(4, 16)
+    plain.load_state_dict(norm.state_dict())
+    torch.testing.assert_close(norm(x), plain(x), rtol=0, atol=0)
+    low = x.bfloat16()
+    exact = torch.nn.functional.group_norm(low.float(), 4, norm.weight, norm.bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, autocast_default = norm(low), plain(low)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, exact.bfloat16(), rtol=0, atol=0)
+    assert not torch.equal(autocast_default.bfloat16(), exact.bfloat16())
+
+    block = AttentionBlock(channels=16, heads=2, head_dim=8)
+    seen: list[torch.dtype] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q: Tensor, *args: Tensor, **kwargs: object) -> Tensor:
+        seen.append(q.dtype)
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+    assert seen == [torch.float32]
+    torch.testing.assert_close(out.float(), block(x), rtol=0.05, atol=0.05)
 
 
 def test_image_size_validation_message() -> None:

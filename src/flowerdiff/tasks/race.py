@@ -382,6 +382,10 @@ class Peer:
             model_config=self.model.config,
         )
         self.max_grad_norm = p.max_grad_norm
+        # --mixed_precision bf16: accelerate's autocast around the forward (fp16 needs a GPU)
+        self.autocast = torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=p.mixed_precision == "bf16"
+        )
         self.steps = 0
 
     def loss(self, clean: Tensor) -> Tensor:
@@ -393,7 +397,8 @@ class Peer:
             device=clean.device,
         ).long()
         noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
-        output = self.model(noisy, timesteps).sample
+        with self.autocast:
+            output = self.model(noisy, timesteps).sample
         return F.mse_loss(output.float(), noise.float())
 
     def step(self, clean: Tensor) -> None:
@@ -612,6 +617,11 @@ def resolve_config(cfg: DictConfig) -> DictConfig:
         problems.add(f"`lr_horizon={cfg.lr_horizon!r}` must be auto or a number of steps >= 1.")
     if cfg.peer.sampler not in ("ddpm", "ddim"):
         problems.add(f"`peer.sampler={cfg.peer.sampler!r}` must be ddpm or ddim.")
+    if cfg.peer.mixed_precision not in ("no", "bf16"):
+        problems.add(
+            f"`peer.mixed_precision={cfg.peer.mixed_precision!r}` must be no or bf16 "
+            "(the script's --mixed_precision; fp16 needs a GPU's loss scaling)."
+        )
     if cfg.device not in ("cpu", "cuda"):
         problems.add(f"`device={cfg.device!r}` must be cpu or cuda.")
     root = cfg.data.root
