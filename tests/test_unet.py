@@ -326,6 +326,9 @@ def test_norm_and_attention_compute_in_float32_under_cpu_bf16_autocast(
     assert ours.dtype == torch.bfloat16
     torch.testing.assert_close(ours, exact.bfloat16(), rtol=0, atol=0)
     assert not torch.equal(autocast_default.bfloat16(), exact.bfloat16())
+    # A model cast to bf16 as a whole (no autocast) keeps working in bf16, as nn.GroupNorm does.
+    torch.testing.assert_close(norm.bfloat16()(low), plain.bfloat16()(low), rtol=0, atol=0)
+    norm.float()
 
     block = AttentionBlock(channels=16, heads=2, head_dim=8)
     seen: list[torch.dtype] = []

@@ -40,14 +40,15 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 under autocast (ADM's ``GroupNorm32``).
 
     CUDA's autocast already runs group_norm in float32; CPU's runs it in bfloat16, which is less
-    accurate and, measured on this project's CPU, 4x slower in backward. Same parameters and, in
-    float32, the same function as ``nn.GroupNorm``.
+    accurate and, measured on this project's CPU, 4x slower in backward. Same parameters and,
+    outside autocast, exactly ``nn.GroupNorm``.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.amp.is_autocast_available(x.device.type):  # e.g. the meta device
-            return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
+        device = x.device.type  # the meta device has no autocast
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+            return super().forward(x)  # float32, or a model cast to bf16/fp16 as a whole
+        with torch.autocast(device, enabled=False):
             return super().forward(x.float()).to(x.dtype)
 
 

@@ -617,7 +617,7 @@ def resolve_config(cfg: DictConfig) -> DictConfig:
         problems.add(f"`lr_horizon={cfg.lr_horizon!r}` must be auto or a number of steps >= 1.")
     if cfg.peer.sampler not in ("ddpm", "ddim"):
         problems.add(f"`peer.sampler={cfg.peer.sampler!r}` must be ddpm or ddim.")
-    if cfg.peer.mixed_precision not in ("no", "bf16"):
+    if cfg.peer.mixed_precision not in ("no", False, "bf16"):  # YAML reads a bare `no` as false
         problems.add(
             f"`peer.mixed_precision={cfg.peer.mixed_precision!r}` must be no or bf16 "
             "(the script's --mixed_precision; fp16 needs a GPU's loss scaling)."
