@@ -15,7 +15,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from flowerdiff.infra.config import ConfigError
-from flowerdiff.tasks.race import Clock, format_table, peer_width, resolve_config, run_race
+from flowerdiff.tasks.race import (
+    Clock,
+    format_table,
+    ours_trainer,
+    peer_width,
+    resolve_config,
+    run_race,
+)
 
 from conftest import compose_config, write_images
 
@@ -158,6 +165,17 @@ def test_our_default_side_is_the_cpu_quick_recipe(tmp_path: Path) -> None:
         assert OmegaConf.select(race, key) == OmegaConf.select(quick, key), key
     for key in ("data.batch_size", "data.image_size", "trainer.precision"):
         assert OmegaConf.select(race, key) == OmegaConf.select(quick, key), key
+
+
+def test_our_trainer_clips_gradients_as_the_recipe_says(tmp_path: Path) -> None:
+    """Clipping changes what is learned, so a recipe's clipping must reach the race's trainer."""
+    assert ours_trainer(race_config(tmp_path), [], 1).gradient_clip_val is None
+    cfg = race_config(
+        tmp_path, "+trainer.gradient_clip_val=0.5", "+trainer.gradient_clip_algorithm=value"
+    )
+    trainer = ours_trainer(cfg, [], 1)
+    assert trainer.gradient_clip_val == 0.5
+    assert trainer.gradient_clip_algorithm == "value"
 
 
 @pytest.mark.parametrize(

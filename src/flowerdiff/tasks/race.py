@@ -230,10 +230,15 @@ def fixed_horizon(factory: Callable[..., Any], horizon: int, optimizer: Any, tot
     return factory(optimizer, horizon)
 
 
+# The trainer keys of a recipe that change what is learned (the rest only change how it runs)
+CLIPPING_KEYS = ("gradient_clip_val", "gradient_clip_algorithm")
+
+
 def ours_trainer(cfg: DictConfig, callbacks: list[L.Callback], max_steps: int) -> L.Trainer:
     # max_steps: the clock stops the real run; finite for Lightning's estimate of its length
     precision = resolve_precision(cfg.trainer.precision, cfg.device)
-    return measuring_trainer(cfg.device, precision, max_steps, callbacks, max_epochs=-1)
+    clipping = {key: cfg.trainer[key] for key in CLIPPING_KEYS if cfg.trainer.get(key) is not None}
+    return measuring_trainer(cfg.device, precision, max_steps, callbacks, max_epochs=-1, **clipping)
 
 
 def ema_net(trainer: L.Trainer, module: L.LightningModule) -> tuple[nn.Module, str]:
