@@ -129,12 +129,20 @@ def test_clock_saves_due_snapshots_and_stops_at_the_budget() -> None:
 
 def test_bad_settings_are_reported_together(tmp_path: Path) -> None:
     cfg = race_config(
-        tmp_path, "image_size=48", "snapshots=0", "peer.sampler=euler", "peer.mixed_precision=fp16"
+        tmp_path,
+        "image_size=48",
+        "snapshots=0",
+        "peer.sampler=euler",
+        "peer.mixed_precision=fp16",
+        "+trainer.gradient_clip_val=-1",
+        "+trainer.gradient_clip_algorithm=max",
     )
     with pytest.raises(ConfigError) as error:
         resolve_config(cfg)
     message = str(error.value)
-    assert "4 problems" in message
+    assert "6 problems" in message
+    assert "`trainer.gradient_clip_val=-1` must be a number >= 0" in message
+    assert "`trainer.gradient_clip_algorithm='max'` must be norm or value" in message
     assert "`image_size=48`" in message and "`snapshots=0`" in message
     assert "`peer.sampler='euler'`" in message
     assert "`peer.mixed_precision='fp16'` must be no or bf16" in message

@@ -629,6 +629,16 @@ def resolve_config(cfg: DictConfig) -> DictConfig:
         )
     if cfg.device not in ("cpu", "cuda"):
         problems.add(f"`device={cfg.device!r}` must be cpu or cuda.")
+    clip = cfg.trainer.get("gradient_clip_val")
+    if clip is not None and (
+        isinstance(clip, bool) or not isinstance(clip, int | float) or clip < 0
+    ):
+        problems.add(f"`trainer.gradient_clip_val={clip!r}` must be a number >= 0, or null.")
+    if cfg.trainer.get("gradient_clip_algorithm") not in (None, "norm", "value"):
+        problems.add(
+            f"`trainer.gradient_clip_algorithm={cfg.trainer.gradient_clip_algorithm!r}` must be "
+            "norm or value."
+        )
     root = cfg.data.root
     if root is None:
         shared = Path(cfg.paths.root_dir) / SHARED_DATA
