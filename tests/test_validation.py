@@ -167,6 +167,8 @@ def test_label_dropout_out_of_range(tiny_config) -> None:
         ("data.batch_size=0", "`data.batch_size=0` must be a positive integer"),
         ("+callbacks.nan_guard.skip=true", "`callbacks.nan_guard.skip` is not a parameter"),
         ("callbacks.ema._target_=lightning.EMA", "`callbacks.ema._target_='lightning.EMA'`"),
+        ("trainer.gradient_clip_val=-1", "`trainer.gradient_clip_val=-1` must be a number >= 0"),
+        ("trainer.gradient_clip_algorithm=max", "`trainer.gradient_clip_algorithm='max'` must be"),
     ],
 )
 def test_training_options_fail_before_any_data_is_decoded(

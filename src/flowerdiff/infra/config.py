@@ -243,6 +243,7 @@ def validate_train_config(cfg: DictConfig) -> ModelSpec:
             if node is not None:
                 check_target_keys(node, f"{group}.{name}", problems)
     check_target_keys(cfg.trainer, "trainer", problems, skip=("plugins", "strategy"))
+    check_clipping(cfg.trainer, problems)
     for message in check_devices(cfg):
         problems.add(message)
     check_ckpt_path(cfg.get("ckpt_path"), problems)
@@ -289,6 +290,22 @@ def check_optimizer(cfg: DictConfig, problems: Problems) -> None:
     ):
         with problems.catch("lr_scheduler"):
             instantiate(cfg.lr_scheduler)(optimizer, 1000)
+
+
+def check_clipping(trainer: DictConfig, problems: Problems) -> None:
+    """Lightning passes a negative ``gradient_clip_val`` on to torch, whose clipping then flips
+    the gradients' sign: training would climb the loss without a word."""
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and (
+        isinstance(clip, bool) or not isinstance(clip, int | float) or clip < 0
+    ):
+        problems.add(
+            f"`trainer.gradient_clip_val={clip!r}` must be a number >= 0 (e.g. 1.0), or null for "
+            "no clipping."
+        )
+    algorithm = trainer.get("gradient_clip_algorithm")
+    if algorithm not in (None, "norm", "value"):
+        problems.add(f"`trainer.gradient_clip_algorithm={algorithm!r}` must be norm or value.")
 
 
 def check_target_keys(node: Any, key: str, problems: Problems, skip: tuple[str, ...] = ()) -> bool:

@@ -230,7 +230,7 @@ def fixed_horizon(factory: Callable[..., Any], horizon: int, optimizer: Any, tot
     return factory(optimizer, horizon)
 
 
-# The trainer keys of a recipe that change what is learned (the rest only change how it runs)
+# Trainer keys of our side's recipe that the race keeps (checked by validate_train_config)
 CLIPPING_KEYS = ("gradient_clip_val", "gradient_clip_algorithm")
 
 
@@ -629,16 +629,6 @@ def resolve_config(cfg: DictConfig) -> DictConfig:
         )
     if cfg.device not in ("cpu", "cuda"):
         problems.add(f"`device={cfg.device!r}` must be cpu or cuda.")
-    clip = cfg.trainer.get("gradient_clip_val")
-    if clip is not None and (
-        isinstance(clip, bool) or not isinstance(clip, int | float) or clip < 0
-    ):
-        problems.add(f"`trainer.gradient_clip_val={clip!r}` must be a number >= 0, or null.")
-    if cfg.trainer.get("gradient_clip_algorithm") not in (None, "norm", "value"):
-        problems.add(
-            f"`trainer.gradient_clip_algorithm={cfg.trainer.gradient_clip_algorithm!r}` must be "
-            "norm or value."
-        )
     root = cfg.data.root
     if root is None:
         shared = Path(cfg.paths.root_dir) / SHARED_DATA
