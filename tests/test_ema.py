@@ -268,13 +268,14 @@ def test_posthoc_snapshots_and_checkpoint(tmp_path: Path) -> None:
         kind="power",
         sigma_rel=0.10,
         posthoc_sigma_rels=[0.05, 0.10],
-        posthoc_every_n_steps=3,
+        posthoc_every_n_steps=4,
         posthoc_dir=str(tmp_path / "posthoc"),
     )
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last", every_n_epochs=2)
     fit(ema, 6, tmp_path, checkpoint)
     found = list_snapshots(tmp_path / "posthoc")
-    assert [(t, s) for t, s, _ in found] == [(3, 0.05), (3, 0.1), (6, 0.05), (6, 0.1)]
+    # Every 4 steps, and at the end of training (step 6), between two multiples.
+    assert [(t, s) for t, s, _ in found] == [(4, 0.05), (4, 0.1), (6, 0.05), (6, 0.1)]
     # The tracked 0.10 profile is the callback's own (same sigma_rel, same count).
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     snapshot = torch.load(found[-1][2], weights_only=True)["state_dict"]
@@ -295,4 +296,4 @@ def test_posthoc_snapshots_and_checkpoint(tmp_path: Path) -> None:
     )
     assert written["current_model_state"].keys() == ckpt["current_model_state"].keys()
     with pytest.raises(ValueError, match="no post-hoc EMA snapshots"):
-        reconstruct_posthoc(tmp_path / "posthoc", 0.07, updates=4)
+        reconstruct_posthoc(tmp_path / "posthoc", 0.07, updates=5)

@@ -29,10 +29,11 @@ the training weights (so grids show the raw model); the warm-up or power profile
 
 Post-hoc EMA (EDM2 section 3): with ``posthoc_sigma_rels`` (EDM2: ``[0.05, 0.10]``) the callback
 also tracks those power-function profiles and writes both to ``posthoc_dir`` every
-``posthoc_every_n_steps`` optimizer steps; :func:`reconstruct_posthoc` then combines the stored
-snapshots into the weights of any other ``sigma_rel`` (least squares over the profiles, EDM2's
-Algorithm 3), and :func:`posthoc_checkpoint` writes them as a checkpoint that sample/evaluate/
-export read like any other, so the EMA length is chosen after training.
+``posthoc_every_n_steps`` optimizer steps and when training ends; :func:`reconstruct_posthoc`
+then combines the stored snapshots into the weights of any other ``sigma_rel`` (least squares
+over the profiles, EDM2's Algorithm 3), and :func:`posthoc_checkpoint` writes them as a
+checkpoint that sample/evaluate/export read like any other, so the EMA length is chosen after
+training.
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ class EMA(WeightAveraging):
         self.posthoc_every_n_steps = posthoc_every_n_steps
         self.posthoc_dir = posthoc_dir
         self._posthoc: list[list[Tensor]] = []  # one list of tensors per post-hoc profile
+        self._posthoc_saved_at = -1  # the update count of the latest post-hoc snapshots
         # Mirror of AveragedModel.n_averaged, read once at set-up/resume, so that an update never
         # waits for the device (a .item() per step would synchronise CUDA).
         self.num_updates = 0
@@ -228,6 +230,14 @@ class EMA(WeightAveraging):
         if self._posthoc and trainer.global_step % self.posthoc_every_n_steps == 0:
             self.save_posthoc_snapshots(trainer, pl_module)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Also store the profiles at the last update (as EDM2 does), so that a run stopped
+        between two ``posthoc_every_n_steps`` (max_time, a race's clock) can be rebuilt at its
+        end, not only at its last multiple."""
+        if self._posthoc and self.num_updates != self._posthoc_saved_at:
+            self.save_posthoc_snapshots(trainer, pl_module)
+        super().on_train_end(trainer, pl_module)
+
     def _pairs(self, pl_module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
         """(averaged, current) tensors in AveragedModel's order (parameters, then buffers)."""
         assert self._average_model is not None
@@ -249,6 +259,7 @@ class EMA(WeightAveraging):
             return
         folder = Path(self.posthoc_dir or Path(trainer.default_root_dir) / "posthoc_ema")
         names = self._tensor_names(pl_module)
+        self._posthoc_saved_at = self.num_updates
         for sigma_rel, profile in zip(self.posthoc_sigma_rels, self._posthoc, strict=True):
             state = {name: t.detach().cpu().clone() for name, t in zip(names, profile, strict=True)}
             atomic_torch_save(
