@@ -14,9 +14,11 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from flowerdiff.infra.config import ConfigError
+from flowerdiff.infra.config import ConfigError, build_module
+from flowerdiff.tasks import race
 from flowerdiff.tasks.race import (
     Clock,
+    evaluate_ours,
     format_table,
     ours_trainer,
     peer_width,
@@ -183,6 +185,32 @@ def test_our_trainer_clips_gradients_as_the_recipe_says(tmp_path: Path) -> None:
     assert trainer.gradient_clip_algorithm == "value"
     with pytest.raises(ConfigError, match=r"`trainer\.gradient_clip_val=-1` must be a number"):
         resolve_config(race_config(tmp_path, "+trainer.gradient_clip_val=-1"))
+
+
+def test_a_class_conditional_side_samples_every_class(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conditional recipe is sampled as evaluate.py samples it (every class in turn, with the
+    guidance asked for), not silently from its unconditional "null" class."""
+    cfg = race_config(tmp_path, "model.net.num_classes=3", "guidance_scale=2.0")
+    path = tmp_path / "snapshot.pt"
+    torch.save({"state_dict": build_module(cfg).net.state_dict()}, path)
+    seen: dict[str, Any] = {}
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        return sample_batches(*args, **kwargs)
+
+    sample_batches = race.sample_batches
+    monkeypatch.setattr(race, "sample_batches", spy)
+    record: dict[str, Any] = {"index": 0, "path": str(path)}
+    evaluate_ours(cfg, [record], tmp_path)
+    assert seen["labels"].tolist() == [0, 1, 2, 0, 1, 2]
+    assert seen["guidance"].scale == 2.0
+    assert record["sampler"] == "ddim-2 cfg2" and Path(record["features"]).is_file()
+    # Guidance without classes is refused, naming the key.
+    with pytest.raises(ConfigError, match=r"`guidance_scale=2\.0` needs a class-conditional"):
+        resolve_config(race_config(tmp_path, "guidance_scale=2.0"))
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,8 @@ process (side by side by default, so one budget of wall clock; or one after the 
    that both measure and train under the same load;
 2. train until the budget is spent, saving its EMA weights at ``k / snapshots`` of the budget
    (the clock stops while a snapshot is written);
-3. sample ``num_samples`` images from every snapshot with its own sampler and step count, and
+3. sample ``num_samples`` images from every snapshot with its own sampler and step count (a
+   class-conditional side of ours takes every class in turn, optionally with guidance), and
    write their Inception features.
 
 The main process then scores every snapshot with FID and KID against the cached reference
@@ -57,6 +58,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from flowerdiff.data.datamodule import to_model_space
+from flowerdiff.diffusion.guidance import Guidance
 from flowerdiff.infra.config import (
     ConfigError,
     Problems,
@@ -75,7 +77,7 @@ from flowerdiff.tasks.benchmark import (
     peer_unet,
     train_flops_per_image,
 )
-from flowerdiff.training.generate import sample_batches
+from flowerdiff.training.generate import resolve_labels, sample_batches
 from flowerdiff.viz.figures import grid, save_png
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ EVALUATION_KEYS = (
     "parallel",
     "threads",
     "sampler",
+    "guidance_scale",
     "peer.sampler",
     "peer.num_inference_steps",
 )
@@ -313,9 +316,17 @@ def train_ours(cfg: DictConfig, folder: Path) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate_ours(cfg: DictConfig, records: list[dict[str, Any]], folder: Path) -> None:
+    """Sample every snapshot with our sampler; a class-conditional model takes every class in
+    turn (as evaluate.py), with classifier-free guidance when ``guidance_scale`` is set."""
     extractor = instantiate(cfg.feature_extractor).eval()
     module = build_module(cfg).to(cfg.device).eval()
     sampler = module.diffusion.sampler
+    labels = resolve_labels(module, cfg.num_samples)
+    scale = cfg.get("guidance_scale")
+    guidance = Guidance(float(scale)) if labels is not None and scale is not None else None
+    sampler_name = f"{sampler.to_config()['name']}-{sampler.num_inference_steps}"
+    if labels is not None:
+        sampler_name += f" cfg{scale:g}" if guidance is not None else " cond"
     for record in records:
         state = torch.load(record["path"], map_location="cpu", weights_only=True)["state_dict"]
         module.net.load_state_dict(state)
@@ -325,13 +336,18 @@ def evaluate_ours(cfg: DictConfig, records: list[dict[str, Any]], folder: Path) 
             [
                 to_uint8(batch.output.images).cpu()
                 for batch in sample_batches(
-                    module, cfg.num_samples, seed=cfg.sample_seed, batch_size=cfg.sample_batch_size
+                    module,
+                    cfg.num_samples,
+                    seed=cfg.sample_seed,
+                    batch_size=cfg.sample_batch_size,
+                    labels=labels,
+                    guidance=guidance,
                 )
             ]
         )
         counter.close()
         finish_record(cfg, record, images, extractor, folder, tic, counter.calls)
-        record["sampler"] = f"{sampler.to_config()['name']}-{sampler.num_inference_steps}"
+        record["sampler"] = sampler_name
 
 
 # -- the peer -------------------------------------------------------------------------------------------
@@ -629,6 +645,15 @@ def resolve_config(cfg: DictConfig) -> DictConfig:
         )
     if cfg.device not in ("cpu", "cuda"):
         problems.add(f"`device={cfg.device!r}` must be cpu or cuda.")
+    scale = cfg.get("guidance_scale")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 <= scale < 1e3:
+            problems.add(f"`guidance_scale={scale!r}` must be null or a number >= 0, e.g. 1.5.")
+        elif OmegaConf.select(cfg, "model.net.num_classes") is None:
+            problems.add(
+                f"`guidance_scale={scale!r}` needs a class-conditional side "
+                "(model.net.num_classes=N data.labels=true); set guidance_scale=null."
+            )
     root = cfg.data.root
     if root is None:
         shared = Path(cfg.paths.root_dir) / SHARED_DATA
