@@ -18,6 +18,7 @@ from flowerdiff.infra.config import ConfigError, build_module
 from flowerdiff.tasks import race
 from flowerdiff.tasks.race import (
     Clock,
+    check_guidance,
     evaluate_ours,
     format_table,
     ours_trainer,
@@ -208,9 +209,12 @@ def test_a_class_conditional_side_samples_every_class(
     assert seen["labels"].tolist() == [0, 1, 2, 0, 1, 2]
     assert seen["guidance"].scale == 2.0
     assert record["sampler"] == "ddim-2 cfg2" and Path(record["features"]).is_file()
-    # Guidance without classes is refused, naming the key.
+    # Guidance without classes is refused, naming the key; so is a scale that is no number.
+    check_guidance(cfg)
     with pytest.raises(ConfigError, match=r"`guidance_scale=2\.0` needs a class-conditional"):
-        resolve_config(race_config(tmp_path, "guidance_scale=2.0"))
+        check_guidance(race_config(tmp_path, "guidance_scale=2.0"))
+    with pytest.raises(ConfigError, match=r"`guidance_scale=-1` must be null or a number"):
+        resolve_config(race_config(tmp_path, "guidance_scale=-1"))
 
 
 @pytest.mark.parametrize(

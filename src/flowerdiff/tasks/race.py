@@ -646,14 +646,10 @@ def resolve_config(cfg: DictConfig) -> DictConfig:
     if cfg.device not in ("cpu", "cuda"):
         problems.add(f"`device={cfg.device!r}` must be cpu or cuda.")
     scale = cfg.get("guidance_scale")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 <= scale < 1e3:
-            problems.add(f"`guidance_scale={scale!r}` must be null or a number >= 0, e.g. 1.5.")
-        elif OmegaConf.select(cfg, "model.net.num_classes") is None:
-            problems.add(
-                f"`guidance_scale={scale!r}` needs a class-conditional side "
-                "(model.net.num_classes=N data.labels=true); set guidance_scale=null."
-            )
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 <= scale < 1e3
+    ):
+        problems.add(f"`guidance_scale={scale!r}` must be null or a number >= 0, e.g. 1.5.")
     root = cfg.data.root
     if root is None:
         shared = Path(cfg.paths.root_dir) / SHARED_DATA
@@ -686,6 +682,7 @@ def run_race(cfg: DictConfig) -> dict[str, Any]:
     config_path = folder / "config.yaml"
     if resolved.evaluate_only:
         resolved = reuse_training(resolved, folder)
+    check_guidance(resolved)  # after reuse_training: the model may be the earlier race's
     OmegaConf.save(resolved, config_path)
     instantiate(resolved.feature_extractor)  # missing Inception weights fail before training
     spec = model_spec(resolved)
@@ -712,6 +709,16 @@ def run_race(cfg: DictConfig) -> dict[str, Any]:
     plot = plot_curves(report, output.with_suffix(".png"))
     print(f"written: {output}" + (f" and {plot}" if plot else ""))
     return report
+
+
+def check_guidance(cfg: DictConfig) -> None:
+    """Guidance needs classes: refuse ``guidance_scale`` for an unconditional side of ours."""
+    scale = cfg.get("guidance_scale")
+    if scale is not None and OmegaConf.select(cfg, "model.net.num_classes") is None:
+        raise ConfigError(
+            f"`guidance_scale={scale!r}` needs a class-conditional side of ours "
+            "(model.net.num_classes=N data.labels=true); set guidance_scale=null."
+        )
 
 
 def reuse_training(cfg: DictConfig, folder: Path) -> DictConfig:
