@@ -41,7 +41,7 @@ from flowerdiff.metrics.quality import (
     extract_features,
     precision_recall,
 )
-from flowerdiff.training.generate import resolve_labels, sample_batches
+from flowerdiff.training.generate import evaluation_conditioning, sample_batches
 from flowerdiff.training.module import DiffusionModule
 from flowerdiff.viz.figures import plot_tradeoff
 
@@ -215,10 +215,9 @@ def model_batches(
     scale: float | None,
 ) -> tuple[Iterator[Tensor], dict[str, Any]]:
     """uint8 batches of the model's samples (class-balanced for conditional models)."""
-    labels = resolve_labels(module, cfg.num_samples)
-    guidance = None
-    if scale is not None and labels is not None:
-        guidance = Guidance(scale, plain(cfg.get("guidance_interval")))
+    labels, guidance = evaluation_conditioning(
+        module, cfg.num_samples, scale, plain(cfg.get("guidance_interval"))
+    )
     info = {
         "sampler": repr(sampler),
         "seed": cfg.seed,

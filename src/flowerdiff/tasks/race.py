@@ -58,7 +58,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from flowerdiff.data.datamodule import to_model_space
-from flowerdiff.diffusion.guidance import Guidance
 from flowerdiff.infra.config import (
     ConfigError,
     Problems,
@@ -77,7 +76,7 @@ from flowerdiff.tasks.benchmark import (
     peer_unet,
     train_flops_per_image,
 )
-from flowerdiff.training.generate import resolve_labels, sample_batches
+from flowerdiff.training.generate import evaluation_conditioning, sample_batches
 from flowerdiff.viz.figures import grid, save_png
 
 log = logging.getLogger(__name__)
@@ -321,9 +320,8 @@ def evaluate_ours(cfg: DictConfig, records: list[dict[str, Any]], folder: Path) 
     extractor = instantiate(cfg.feature_extractor).eval()
     module = build_module(cfg).to(cfg.device).eval()
     sampler = module.diffusion.sampler
-    labels = resolve_labels(module, cfg.num_samples)
     scale = cfg.get("guidance_scale")
-    guidance = Guidance(float(scale)) if labels is not None and scale is not None else None
+    labels, guidance = evaluation_conditioning(module, cfg.num_samples, scale)
     sampler_name = f"{sampler.to_config()['name']}-{sampler.num_inference_steps}"
     if labels is not None:
         sampler_name += f" cfg{scale:g}" if guidance is not None else " cond"

@@ -62,6 +62,21 @@ def resolve_labels(
     return balanced_labels(num_images, num_classes)
 
 
+def evaluation_conditioning(
+    module: DiffusionModule,
+    num_images: int,
+    scale: float | None,
+    interval: tuple[float, float] | None = None,
+) -> tuple[Tensor | None, Guidance | None]:
+    """Labels and guidance for scoring a model: every class in turn for a conditional model,
+    with classifier-free guidance at ``scale`` (None: plain conditional); (None, None) for an
+    unconditional one. evaluate.py and the race score conditional models alike through it."""
+    labels = resolve_labels(module, num_images)
+    if labels is None or scale is None:
+        return labels, None
+    return labels, Guidance(scale, interval)
+
+
 @dataclass(frozen=True)
 class Batch:
     """One batch of the seeded sequence: images ``start .. start + len(images)``."""
