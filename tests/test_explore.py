@@ -433,18 +433,29 @@ def page_text(page: Any) -> str:
 
 def set_number(page: Any, selector: str, value: float) -> None:
     """Type a number into a field (or a slider's box) and wait until the component holds it
-    (a slider moves its handle), so that the next click sends it."""
+    (a slider moves its handle), so that the next click sends it. A tab that has just been
+    opened may still be mounting its fields and put back their defaults over what was typed
+    (seen once on a loaded CI machine), so the value is typed again if it did not hold."""
     field = page.locator(f"{selector} input[type=number]").first
-    field.fill(str(value))
-    field.press("Enter")
-    field.press("Tab")
-    page.wait_for_function(
-        "([sel, value]) => [...document.querySelectorAll(sel + ' input')]"
-        ".filter(i => i.type === 'number' || i.type === 'range')"
-        ".every(i => Number(i.value) === value)",
-        arg=[selector, value],
-        timeout=10_000,
-    )
+    field.wait_for(state="visible", timeout=30_000)
+    for attempt in range(3):
+        field.fill(str(value))
+        field.press("Enter")
+        field.press("Tab")
+        try:
+            page.wait_for_function(
+                "([sel, value]) => [...document.querySelectorAll(sel + ' input')]"
+                ".filter(i => i.type === 'number' || i.type === 'range')"
+                ".every(i => Number(i.value) === value)",
+                arg=[selector, value],
+                timeout=10_000,
+            )
+            return
+        except Exception as error:
+            if attempt == 2:
+                raise AssertionError(
+                    f"{selector} did not take {value}; the page says: {page_text(page)}"
+                ) from error
 
 
 def choose(page: Any, selector: str, option: str) -> None:
