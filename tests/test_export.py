@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from flowerdiff.callbacks.ema import reconstruct_posthoc
 from flowerdiff.diffusion.samplers import EulerSampler
 from flowerdiff.infra.checkpoints import CheckpointError, checkpoint_spec, read_checkpoint
 from flowerdiff.infra.config import ConfigError, RunDirCheck, build_module
@@ -264,3 +266,113 @@ def test_export_script_without_arguments(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert f"Error: `hydra.run.dir='{a_file / 'run'}'` cannot be written" in done.stderr
+
+
+# -- post-hoc EMA: export the EMA of a length chosen after training ----------------------------
+@pytest.fixture
+def posthoc_run(checkpoint, tmp_path: Path) -> tuple[Path, Path]:
+    """A run folder as training with callbacks.ema.posthoc_sigma_rels leaves it:
+    ``checkpoints/last.ckpt`` (its EMA at update 40) beside ``posthoc_ema/`` with both profiles
+    at updates 20, 40 and 60 (the last from after the checkpoint)."""
+    path, ema, _ = checkpoint
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    stored = torch.load(path, weights_only=True)
+    stored["callbacks"] = {"EMA{'kind': 'power'}": {"num_updates": 40}}
+    torch.save(stored, run / "checkpoints" / "last.ckpt")
+    folder = run / "posthoc_ema"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(1)
+    for updates in (20, 40, 60):
+        for sigma_rel in (0.05, 0.10):
+            state = {
+                k: v + 0.1 * torch.randn(v.shape, generator=generator)
+                if v.is_floating_point()
+                else v
+                for k, v in ema.items()
+            }
+            torch.save(
+                {"state_dict": state, "updates": updates, "sigma_rel": sigma_rel},
+                folder / f"ema-{updates:09d}-{sigma_rel:.4f}.pt",
+            )
+    return run / "checkpoints" / "last.ckpt", folder
+
+
+def test_export_rebuilds_the_posthoc_ema_as_of_the_checkpoint(posthoc_run, tmp_path: Path) -> None:
+    path, folder = posthoc_run
+    out = export(
+        export_config(
+            tmp_path, f"ckpt_path={path}", f"out_dir={tmp_path / 'x'}", "posthoc_sigma_rel=0.07"
+        )
+    )
+    expected = reconstruct_posthoc(folder, 0.07, updates=40)  # not 60: after the checkpoint
+    assert expected.keys() == {f"net.{name}" for name in load_model(out).net.state_dict()}
+    for name, value in load_model(out).net.state_dict().items():
+        torch.testing.assert_close(value, expected[f"net.{name}"], rtol=0, atol=1e-6)
+    info = yaml.safe_load((out / "config.yaml").read_text())["export"]
+    assert info["posthoc_ema"] == {"sigma_rel": 0.07, "updates": 40, "folder": str(folder)}
+    # A stored length at the checkpoint's update is that snapshot (the least squares is exact).
+    other = export_checkpoint(path, tmp_path / "y", (folder, 0.10))
+    snapshot = torch.load(folder / "ema-000000040-0.1000.pt", weights_only=True)["state_dict"]
+    for name, value in load_model(other).net.state_dict().items():
+        torch.testing.assert_close(value, snapshot[f"net.{name}"], rtol=0, atol=1e-4)
+
+
+def test_posthoc_export_inputs_are_checked_first(posthoc_run, tmp_path: Path) -> None:
+    path, folder = posthoc_run
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = {
+        "posthoc_sigma_rel=0.5": "`posthoc_sigma_rel=0.5` must be in (0, 0.2887)",
+        "posthoc_sigma_rel=abc": "`posthoc_sigma_rel='abc'` must be in",
+        f"posthoc_dir={folder}": "`posthoc_sigma_rel` is null: pass the EMA length",
+    }
+    for override, expected in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            export(
+                export_config(tmp_path, f"ckpt_path={path}", f"out_dir={tmp_path / 'x'}", override)
+            )
+    with pytest.raises(ConfigError, match=re.escape(f"but '{empty}' holds none")):
+        export(
+            export_config(
+                tmp_path,
+                f"ckpt_path={path}",
+                f"out_dir={tmp_path / 'x'}",
+                "posthoc_sigma_rel=0.07",
+                f"posthoc_dir={empty}",
+            )
+        )
+    assert not (tmp_path / "x").exists()
+
+
+def test_posthoc_snapshots_from_elsewhere_are_refused(
+    posthoc_run, tiny_config, tmp_path: Path
+) -> None:
+    """Snapshots are files like any checkpoint: one that pickles a call is refused before it
+    runs; another model's, or a checkpoint older than every snapshot, is one clear message."""
+    from test_reliability import pickled_checkpoint
+
+    path, folder = posthoc_run
+    marker = tmp_path / "pwned"
+    evil = pickled_checkpoint(tmp_path, "torch.save", marker)
+    evil.rename(folder / "ema-000000030-0.0500.pt")
+    with pytest.raises(CheckpointError, match="could execute code"):
+        export_checkpoint(path, tmp_path / "x", (folder, 0.07))
+    assert not marker.exists() and not (tmp_path / "x").exists()
+    (folder / "ema-000000030-0.0500.pt").unlink()
+
+    other = build_module(tiny_config("model.net.hidden_dims=[8,16,16,32]")).state_dict()
+    torch.save({"state_dict": other}, folder / "ema-000000030-0.0500.pt")
+    with pytest.raises(CheckpointError, match="the folder mixes two models"):
+        export_checkpoint(path, tmp_path / "x", (folder, 0.07))
+    torch.save({"state_dict": {"weights": [1, 2]}}, folder / "ema-000000030-0.0500.pt")
+    with pytest.raises(CheckpointError, match="is not a post-hoc EMA snapshot"):
+        export_checkpoint(path, tmp_path / "x", (folder, 0.07))
+    (folder / "ema-000000030-0.0500.pt").unlink()
+
+    early = torch.load(path, weights_only=True)
+    early["callbacks"] = {"EMA": {"num_updates": 10}}
+    torch.save(early, tmp_path / "early.ckpt")
+    with pytest.raises(CheckpointError, match=r"no post-hoc EMA snapshots from before .*update 10"):
+        export_checkpoint(tmp_path / "early.ckpt", tmp_path / "x", (folder, 0.07))
+    assert not (tmp_path / "x").exists()

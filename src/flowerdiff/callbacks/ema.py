@@ -31,9 +31,9 @@ Post-hoc EMA (EDM2 section 3): with ``posthoc_sigma_rels`` (EDM2: ``[0.05, 0.10]
 also tracks those power-function profiles and writes both to ``posthoc_dir`` every
 ``posthoc_every_n_steps`` optimizer steps and when training ends; :func:`reconstruct_posthoc`
 then combines the stored snapshots into the weights of any other ``sigma_rel`` (least squares
-over the profiles, EDM2's Algorithm 3), and :func:`posthoc_checkpoint` writes them as a
-checkpoint that sample/evaluate/export read like any other, so the EMA length is chosen after
-training.
+over the profiles, EDM2's Algorithm 3), so the EMA length is chosen after training:
+``scripts/export.py posthoc_sigma_rel=...`` exports them, :func:`posthoc_checkpoint` writes
+them as a checkpoint.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from flowerdiff.files import atomic_torch_save
 KINDS = ("warmup", "power", "constant")
 # sigma_rel of the power function at gamma = 0, the widest profile with gamma > 0 (sqrt(1/12)).
 MAX_SIGMA_REL = math.sqrt(1 / 12)
+Loader = Callable[[Path], Any]  # reads a file as data (torch.load with weights_only)
 SNAPSHOT_PATTERN = re.compile(r"ema-(\d+)-(\d+\.\d+)\.pt")
 
 
@@ -75,13 +76,14 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
 
 
 def check_sigma_rel(sigma_rel: Any, key: str) -> None:
+    """Refuse a relative EMA width outside (0, MAX_SIGMA_REL), naming the config ``key``."""
     if (
         isinstance(sigma_rel, bool)
         or not isinstance(sigma_rel, int | float)
         or not 0 < sigma_rel < MAX_SIGMA_REL
     ):
         raise ValueError(
-            f"`callbacks.ema.{key}={sigma_rel!r}` must be in (0, {MAX_SIGMA_REL:.4f}): the EMA "
+            f"`{key}={sigma_rel!r}` must be in (0, {MAX_SIGMA_REL:.4f}): the EMA "
             "profile's width relative to the training length (EDM2 uses 0.05-0.15; larger is a "
             "longer average)."
         )
@@ -134,7 +136,7 @@ class EMA(WeightAveraging):
                 "spans about 1 / (1 - decay) updates)."
             )
         if kind == "power":
-            check_sigma_rel(sigma_rel, "sigma_rel")
+            check_sigma_rel(sigma_rel, "callbacks.ema.sigma_rel")
         for key, value, low in (
             ("update_every_n_steps", update_every_n_steps, 1),
             ("posthoc_every_n_steps", posthoc_every_n_steps, 1),
@@ -152,7 +154,7 @@ class EMA(WeightAveraging):
             )
         posthoc = [float(s) for s in posthoc_sigma_rels or ()]
         for s in posthoc:
-            check_sigma_rel(s, "posthoc_sigma_rels")
+            check_sigma_rel(s, "callbacks.ema.posthoc_sigma_rels")
         super().__init__(device=device, use_buffers=use_buffers, multi_avg_fn=self._average)
         self.kind = kind
         self.decay = float(decay)
@@ -371,8 +373,32 @@ def list_snapshots(folder: str | Path) -> list[tuple[int, float, Path]]:
     return sorted(found)
 
 
+def latest_snapshot(folder: str | Path, at_most: int) -> int | None:
+    """The update count of the latest post-hoc snapshots in ``folder`` taken at or before
+    ``at_most`` updates (a checkpoint's own count: no weights from after it), or None."""
+    counts = [updates for updates, _, _ in list_snapshots(folder) if updates <= at_most]
+    return max(counts, default=None)
+
+
+def load_snapshot(path: Path, load: Loader | None = None) -> dict[str, Tensor]:
+    """A post-hoc snapshot's tensors, refused unless the file holds a dict of tensors (a file
+    from elsewhere is data: ``load`` must not run code, torch's ``weights_only`` by default)."""
+    data = (
+        load(path) if load is not None else torch.load(path, map_location="cpu", weights_only=True)
+    )
+    state = data.get("state_dict") if isinstance(data, dict) else None
+    if not isinstance(state, dict) or not all(
+        isinstance(name, str) and isinstance(tensor, Tensor) for name, tensor in state.items()
+    ):
+        raise ValueError(
+            f"{str(path)!r} is not a post-hoc EMA snapshot (a `state_dict` of named tensors, "
+            "as the EMA callback writes): remove it from the folder."
+        )
+    return state
+
+
 def reconstruct_posthoc(
-    folder: str | Path, sigma_rel: float, updates: int | None = None
+    folder: str | Path, sigma_rel: float, updates: int | None = None, load: Loader | None = None
 ) -> dict[str, Tensor]:
     """The EMA weights of profile ``sigma_rel`` at ``updates`` (None: the last snapshot),
     combined from the snapshots in ``folder`` up to that point."""
@@ -389,7 +415,15 @@ def reconstruct_posthoc(
     weights = posthoc_coefficients([s[0] for s in used], [s[1] for s in used], updates, sigma_rel)
     result: dict[str, Tensor] = {}
     for weight, (_, _, path) in zip(weights, used, strict=True):
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        state = load_snapshot(path, load)
+        if result and any(
+            name not in result or result[name].shape != tensor.shape
+            for name, tensor in state.items()
+        ):
+            raise ValueError(
+                f"{str(path)!r} holds other tensors than the snapshots before it in "
+                f"{str(folder)!r}: the folder mixes two models. Keep one run's snapshots in it."
+            )
         for name, tensor in state.items():
             if not tensor.is_floating_point():
                 result[name] = tensor
@@ -400,28 +434,47 @@ def reconstruct_posthoc(
     return {name: t.float() if t.is_floating_point() else t for name, t in result.items()}
 
 
+def with_posthoc_weights(
+    state: dict[str, Tensor],
+    folder: str | Path,
+    sigma_rel: float,
+    updates: int | None = None,
+    load: Loader | None = None,
+) -> dict[str, Tensor]:
+    """``state`` (a module's) with every tensor the snapshots hold replaced by the post-hoc
+    reconstruction at ``sigma_rel``; refused unless the snapshots cover all its weights."""
+    weights = reconstruct_posthoc(folder, sigma_rel, updates, load)
+    wrong = [
+        name
+        for name, tensor in state.items()
+        if tensor.is_floating_point()
+        and (name not in weights or weights[name].shape != tensor.shape)
+    ]
+    if wrong:
+        raise ValueError(
+            f"the post-hoc snapshots in {str(folder)!r} do not match the model's weights "
+            f"({', '.join(wrong[:3])}...): they were written by another run. Pass that run's "
+            "posthoc_ema folder."
+        )
+    return {
+        name: weights[name].to(tensor.dtype) if name in weights else tensor
+        for name, tensor in state.items()
+    }
+
+
 def posthoc_checkpoint(
     checkpoint: str | Path,
     folder: str | Path,
     sigma_rel: float,
     output: str | Path,
     updates: int | None = None,
-    load: Callable[[str | Path], dict[str, Any]] | None = None,
+    load: Loader | None = None,
 ) -> Path:
     """Write ``checkpoint`` with its EMA weights replaced by the post-hoc reconstruction at
     ``sigma_rel``: a checkpoint sample/evaluate/export read like any other."""
     if load is None:
         from flowerdiff.infra.checkpoints import read_checkpoint as load
     data = load(checkpoint)
-    weights = reconstruct_posthoc(folder, sigma_rel, updates)
-    state = dict(data["state_dict"])
-    missing = [name for name in state if name not in weights and state[name].is_floating_point()]
-    if missing:
-        raise ValueError(
-            f"the post-hoc snapshots in {str(folder)!r} lack {missing[:3]}...: they were written "
-            f"by another model than {str(checkpoint)!r}."
-        )
-    state.update({name: weights[name] for name in state if name in weights})
-    data["state_dict"] = state
+    data["state_dict"] = with_posthoc_weights(data["state_dict"], folder, sigma_rel, updates, load)
     atomic_torch_save(data, output)
     return Path(output)

@@ -22,12 +22,14 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
+from flowerdiff.callbacks.ema import latest_snapshot, with_posthoc_weights
 from flowerdiff.files import atomic_write
 from flowerdiff.infra.checkpoints import (
     CheckpointError,
     build_from_spec,
     load_training_checkpoint,
     parse_spec,
+    read_checkpoint,
 )
 from flowerdiff.training.module import DiffusionModule
 
@@ -37,18 +39,24 @@ EXPORT_FORMAT = "flowerdiff-export/2"
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
-    """Write ``out_dir/model.safetensors`` and ``out_dir/config.yaml``; return ``out_dir``."""
+def export_checkpoint(
+    ckpt_path: str | Path, out_dir: str | Path, posthoc: tuple[Path, float] | None = None
+) -> Path:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/config.yaml``; return ``out_dir``.
+    ``posthoc=(folder, sigma_rel)`` exports the post-hoc EMA of that length instead of the
+    checkpoint's EMA, rebuilt from the run's snapshots taken up to the checkpoint."""
     module, checkpoint = load_training_checkpoint(ckpt_path)
     assert module.spec is not None
     spec = module.spec.to_dict()
-    info = {
+    info: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "source_checkpoint": str(Path(ckpt_path).resolve()),
         "global_step": int(checkpoint.get("global_step", -1)),
         "epoch": int(checkpoint.get("epoch", -1)),
         "ema_weights": "current_model_state" in checkpoint,
     }
+    if posthoc is not None:
+        info["posthoc_ema"] = apply_posthoc(module, checkpoint, ckpt_path, *posthoc)
     tensors = {
         name: value.detach().cpu().contiguous() for name, value in module.net.state_dict().items()
     }
@@ -60,6 +68,43 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     text = yaml.safe_dump({"model": spec, "export": info}, sort_keys=False)
     atomic_write(out_dir / CONFIG_FILE, lambda file: file.write(text.encode()))
     return out_dir
+
+
+def ema_update_count(checkpoint: dict[str, Any]) -> int:
+    """The EMA callback's update count stored in a checkpoint (its global step without one:
+    the EMA never updates more than once per optimizer step)."""
+    for state in (checkpoint.get("callbacks") or {}).values():
+        count = state.get("num_updates") if isinstance(state, dict) else None
+        if isinstance(count, int) and not isinstance(count, bool):
+            return count
+    return int(checkpoint.get("global_step", -1))
+
+
+def apply_posthoc(
+    module: DiffusionModule,
+    checkpoint: dict[str, Any],
+    ckpt_path: str | Path,
+    folder: Path,
+    sigma_rel: float,
+) -> dict[str, Any]:
+    """Load into ``module`` the post-hoc EMA at ``sigma_rel`` as of the checkpoint's update
+    count; returns what the export records about it."""
+    count = ema_update_count(checkpoint)
+    updates = latest_snapshot(folder, count)
+    if updates is None:
+        raise CheckpointError(
+            f"`posthoc_dir={str(folder)!r}` has no post-hoc EMA snapshots from before "
+            f"{str(ckpt_path)!r} (update {count}): export a later checkpoint of that run, or "
+            "pass the posthoc_ema folder of the run that wrote it."
+        )
+    try:
+        state = with_posthoc_weights(
+            module.state_dict(), folder, sigma_rel, updates, load=read_checkpoint
+        )
+    except ValueError as error:
+        raise CheckpointError(f"Cannot rebuild the post-hoc EMA: {error}") from error
+    module.load_state_dict(state)
+    return {"sigma_rel": sigma_rel, "updates": updates, "folder": str(folder.resolve())}
 
 
 def load_plain_yaml(text: str, source: str | Path) -> Any:
