@@ -380,12 +380,15 @@ def latest_snapshot(folder: str | Path, at_most: int) -> int | None:
     return max(counts, default=None)
 
 
-def load_snapshot(path: Path, load: Loader | None = None) -> dict[str, Tensor]:
+def load_weights_only(path: Path) -> Any:
+    """torch.load that refuses anything but tensors and plain containers (no code runs)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_snapshot(path: Path, load: Loader = load_weights_only) -> dict[str, Tensor]:
     """A post-hoc snapshot's tensors, refused unless the file holds a dict of tensors (a file
-    from elsewhere is data: ``load`` must not run code, torch's ``weights_only`` by default)."""
-    data = (
-        load(path) if load is not None else torch.load(path, map_location="cpu", weights_only=True)
-    )
+    from elsewhere is data: ``load`` must not run code)."""
+    data = load(path)
     state = data.get("state_dict") if isinstance(data, dict) else None
     if not isinstance(state, dict) or not all(
         isinstance(name, str) and isinstance(tensor, Tensor) for name, tensor in state.items()
@@ -398,7 +401,10 @@ def load_snapshot(path: Path, load: Loader | None = None) -> dict[str, Tensor]:
 
 
 def reconstruct_posthoc(
-    folder: str | Path, sigma_rel: float, updates: int | None = None, load: Loader | None = None
+    folder: str | Path,
+    sigma_rel: float,
+    updates: int | None = None,
+    load: Loader = load_weights_only,
 ) -> dict[str, Tensor]:
     """The EMA weights of profile ``sigma_rel`` at ``updates`` (None: the last snapshot),
     combined from the snapshots in ``folder`` up to that point."""
@@ -416,9 +422,9 @@ def reconstruct_posthoc(
     result: dict[str, Tensor] = {}
     for weight, (_, _, path) in zip(weights, used, strict=True):
         state = load_snapshot(path, load)
-        if result and any(
-            name not in result or result[name].shape != tensor.shape
-            for name, tensor in state.items()
+        if result and (
+            state.keys() != result.keys()
+            or any(result[name].shape != tensor.shape for name, tensor in state.items())
         ):
             raise ValueError(
                 f"{str(path)!r} holds other tensors than the snapshots before it in "
@@ -439,7 +445,7 @@ def with_posthoc_weights(
     folder: str | Path,
     sigma_rel: float,
     updates: int | None = None,
-    load: Loader | None = None,
+    load: Loader = load_weights_only,
 ) -> dict[str, Tensor]:
     """``state`` (a module's) with every tensor the snapshots hold replaced by the post-hoc
     reconstruction at ``sigma_rel``; refused unless the snapshots cover all its weights."""

@@ -54,8 +54,11 @@ def posthoc_choice(cfg: DictConfig, problems: Problems) -> tuple[Path, float] | 
     ckpt_path = cfg.get("ckpt_path")
     if not folder and not ckpt_path:
         return None  # the missing checkpoint is already a problem
-    path = Path(str(folder or Path(str(ckpt_path)).expanduser().parent.parent / "posthoc_ema"))
-    if not list_snapshots(path.expanduser()):
+    if folder:
+        path = Path(str(folder)).expanduser()
+    else:
+        path = Path(str(ckpt_path)).expanduser().parent.parent / "posthoc_ema"
+    if not list_snapshots(path):
         problems.add(
             f"`posthoc_sigma_rel={sigma_rel}` rebuilds the EMA from the run's post-hoc snapshots "
             f"(ema-<updates>-<sigma_rel>.pt), but {str(path)!r} holds none. Pass "
@@ -63,4 +66,4 @@ def posthoc_choice(cfg: DictConfig, problems: Problems) -> tuple[Path, float] | 
             "callbacks.ema.posthoc_sigma_rels=[0.05,0.10]."
         )
         return None
-    return path.expanduser(), float(sigma_rel)
+    return path, float(sigma_rel)
