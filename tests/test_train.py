@@ -65,3 +65,34 @@ def test_train_script_prints_a_user_error_without_a_traceback(tmp_path: Path) ->
     assert result.returncode == 1
     assert f"Error: data.root='{missing}' is not a directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_learned_loss_weighting_trains_its_head_and_stays_out_of_the_model(
+    tiny_config, tmp_path: Path
+) -> None:
+    """EDM2's weighting head is optimised with the network (it moves from zero, it has Adam
+    moments), it is in the checkpoint for an exact resume, and sampling, exports and
+    post-hoc exports read the network without it."""
+    from flowerdiff.infra.config import build_module
+    from flowerdiff.infra.exports import export_checkpoint
+
+    cfg = tiny_config(
+        "diffusion=edm", "sampler=heun", "diffusion.learned_weighting=true", "optimizer.lr=1e-2"
+    )
+    train(cfg)
+    checkpoint = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    head = checkpoint["current_model_state"]["diffusion.logvar.linear.weight"]
+    assert head.abs().sum() > 0  # trained: it starts at zero
+    assert "diffusion.logvar.linear.bias" in checkpoint["state_dict"]  # the EMA averages it too
+    moments = checkpoint["optimizer_states"][0]["state"]
+    module = build_module(cfg)
+    assert len(moments) == len(list(module.net.parameters())) + 2  # and the head's two
+    assert checkpoint["flowerdiff"]["diffusion"]["learned_weighting"] is True
+
+    module = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert module.sample(2, seed=0).images.isfinite().all()
+    exported = export_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "e")
+    assert torch.equal(
+        load_model(exported).sample(2, seed=0).images, module.sample(2, seed=0).images
+    )

@@ -9,6 +9,10 @@ Following NVlabs/edm (``training/networks.py`` EDMPrecond, ``training/loss.py`` 
 
 Training draws ln(s) ~ N(P_mean, P_std^2) and weights the squared error of D by
 (s^2 + sd^2) / (s sd)^2, which makes the effective target of F unit-variance at every level.
+With ``learned_weighting`` (EDM2, Karras et al. 2024, section 5.1 / ``training/loss.py``), a
+small head u(c_noise) learns the log variance of that weighted loss per level, and training
+minimises ``weighted error / exp(u) + u``: every level contributes a loss of about 1, so no
+level's gradients drown the others. Validation keeps the fixed weighting (comparable runs).
 Sampling visits the Karras grid s_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho,
 then 0. The network receives c_noise through its ordinary time embedding.
 """
@@ -20,7 +24,7 @@ from statistics import NormalDist
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from flowerdiff.diffusion.base import (
     CLEAN,
@@ -33,6 +37,28 @@ from flowerdiff.diffusion.base import (
 )
 
 VALIDATION_LEVELS = 10
+LOGVAR_FEATURES = 128  # EDM2's logvar_channels
+
+
+class LogVarHead(nn.Module):
+    """EDM2's per-level log variance u(c_noise): fixed random Fourier features of c_noise and a
+    linear layer initialised at zero (so training starts with EDM's own weighting)."""
+
+    def __init__(self, features: int = LOGVAR_FEATURES) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)  # fixed features: rebuilt, not stored
+        frequencies = 2 * math.pi * torch.randn(features, generator=generator)
+        phases = 2 * math.pi * torch.rand(features, generator=generator)
+        self.register_buffer("frequencies", frequencies, persistent=False)
+        self.register_buffer("phases", phases, persistent=False)
+        self.linear = nn.Linear(features, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, c_noise: Tensor) -> Tensor:
+        with torch.autocast(c_noise.device.type, enabled=False):  # a float32 head under bf16
+            angle = c_noise.float()[:, None] * self.frequencies + self.phases
+            return self.linear(torch.cos(angle) * math.sqrt(2)).squeeze(1)
 
 
 class EDMDiffusion(Diffusion):
@@ -43,6 +69,8 @@ class EDMDiffusion(Diffusion):
         sigma_data: standard deviation of the data (0.5 for images in [-1, 1]).
         p_mean, p_std: training levels ln(sigma) ~ N(p_mean, p_std^2).
         sigma_min, sigma_max, rho: the sampling grid.
+        learned_weighting: EDM2's learned per-level loss weighting (a 129-parameter head the
+            optimizer trains with the network; not used for sampling).
     """
 
     name = "edm"
@@ -56,8 +84,13 @@ class EDMDiffusion(Diffusion):
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
         rho: float = 7.0,
+        learned_weighting: bool = False,
     ) -> None:
         super().__init__(sampler)
+        if not isinstance(learned_weighting, bool):
+            raise ValueError(
+                f"`diffusion.learned_weighting={learned_weighting!r}` must be true or false."
+            )
         for key, value in (("sigma_data", sigma_data), ("p_std", p_std), ("rho", rho)):
             if not _is_number(value) or not value > 0:
                 raise ValueError(f"`diffusion.{key}={value!r}` must be a number > 0.")
@@ -74,6 +107,7 @@ class EDMDiffusion(Diffusion):
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
         self.rho = float(rho)
+        self.logvar = LogVarHead() if learned_weighting else None
         # Validation levels: the deciles of the training distribution of sigma.
         quantiles = [(k + 0.5) / VALIDATION_LEVELS for k in range(VALIDATION_LEVELS)]
         sigmas = [math.exp(p_mean + p_std * NormalDist().inv_cdf(q)) for q in quantiles]
@@ -87,6 +121,7 @@ class EDMDiffusion(Diffusion):
             "sigma_min": self.sigma_min,
             "sigma_max": self.sigma_max,
             "rho": self.rho,
+            "learned_weighting": self.logvar is not None,
         }
 
     @staticmethod
@@ -146,8 +181,11 @@ class EDMDiffusion(Diffusion):
         sigma = sigma.float()
         denoised = self._denoise(net, x0 + per_sample(sigma, x0) * noise, sigma, cond)
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
-        error = (denoised - x0.float()) ** 2
-        return (weight * error.flatten(1).mean(dim=1)).mean()
+        weighted = weight * ((denoised - x0.float()) ** 2).flatten(1).mean(dim=1)
+        if self.logvar is None or not self.training:
+            return weighted.mean()
+        logvar = self.logvar(sigma.log() / 4)
+        return (weighted / logvar.exp() + logvar).mean()
 
     def validation_levels(self, indices: Tensor) -> Tensor:
         sigmas = self._validation_sigmas.to(indices.device)

@@ -25,6 +25,7 @@ from flowerdiff.training.spec import ModelSpec, SpecError
 # averaged ones as the checkpoint's state_dict.
 RAW_WEIGHTS_KEY = "current_model_state"
 WEIGHT_CHOICES = ("ema", "raw")
+TRAINING_ONLY_PREFIX = "diffusion."  # state learned for the loss only (sampling ignores it)
 
 
 class CheckpointError(RuntimeError):
@@ -86,10 +87,13 @@ def checkpoint_spec(checkpoint: dict[str, Any], source: str | Path) -> ModelSpec
 
 
 def _strip_prefix(state: Any, source: str | Path, key: str) -> dict[str, Any]:
-    """A module state dict (``net.*`` keys) as the network's; any other key is refused."""
+    """A module state dict (``net.*`` keys) as the network's. ``diffusion.*`` keys are what the
+    diffusion process learns for training only (EDM2's loss weighting head), which sampling
+    never uses; any other key is refused."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{str(source)!r} has no state dict of tensors ({key}).")
     prefix = "net."
+    state = {k: v for k, v in state.items() if not str(k).startswith(TRAINING_ONLY_PREFIX)}
     others = [k for k in state if not str(k).startswith(prefix)][:3]
     if others:
         raise CheckpointError(

@@ -134,7 +134,8 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         if self.optimizer_factory is None:
             raise ValueError("DiffusionModule was built without an optimizer config: cannot train.")
-        optimizer = self.optimizer_factory(params=self.net.parameters(), **self._fused_kwargs())
+        # The network and whatever the diffusion process learns (EDM2's loss weighting head).
+        optimizer = self.optimizer_factory(params=self.parameters(), **self._fused_kwargs())
         if self.lr_scheduler_factory is None:
             return {"optimizer": optimizer}
         total_steps = int(self.trainer.estimated_stepping_batches)
