@@ -56,6 +56,8 @@ KINDS = ("warmup", "power", "constant")
 # sigma_rel of the power function at gamma = 0, the widest profile with gamma > 0 (sqrt(1/12)).
 MAX_SIGMA_REL = math.sqrt(1 / 12)
 Loader = Callable[[Path], Any]  # reads a file as data (torch.load with weights_only)
+# The post-hoc snapshots' default folder, beside the run's checkpoints/ (export.py looks there).
+POSTHOC_DIR_NAME = "posthoc_ema"
 SNAPSHOT_PATTERN = re.compile(r"ema-(\d+)-(\d+\.\d+)\.pt")
 
 
@@ -259,7 +261,7 @@ class EMA(WeightAveraging):
         """Write each post-hoc profile as ``ema-<updates>-<sigma_rel>.pt`` (rank zero only)."""
         if not trainer.is_global_zero:
             return
-        folder = Path(self.posthoc_dir or Path(trainer.default_root_dir) / "posthoc_ema")
+        folder = Path(self.posthoc_dir or Path(trainer.default_root_dir) / POSTHOC_DIR_NAME)
         names = self._tensor_names(pl_module)
         self._posthoc_saved_at = self.num_updates
         for sigma_rel, profile in zip(self.posthoc_sigma_rels, self._posthoc, strict=True):

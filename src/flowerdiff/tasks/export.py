@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from flowerdiff.callbacks.ema import check_sigma_rel, list_snapshots
+from flowerdiff.callbacks.ema import POSTHOC_DIR_NAME, check_sigma_rel, list_snapshots
 from flowerdiff.infra.config import Problems, check_output_dir
 from flowerdiff.infra.exports import export_checkpoint, is_export
 
@@ -57,7 +57,7 @@ def posthoc_choice(cfg: DictConfig, problems: Problems) -> tuple[Path, float] | 
     if folder:
         path = Path(str(folder)).expanduser()
     else:
-        path = Path(str(ckpt_path)).expanduser().parent.parent / "posthoc_ema"
+        path = Path(str(ckpt_path)).expanduser().parent.parent / POSTHOC_DIR_NAME
     if not list_snapshots(path):
         problems.add(
             f"`posthoc_sigma_rel={sigma_rel}` rebuilds the EMA from the run's post-hoc snapshots "
