@@ -163,7 +163,7 @@ def test_export_of_weights_that_do_not_fit_is_refused(checkpoint, tmp_path: Path
         tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
     tensors["extra.weight"] = tensors.pop("conv_out.weight")
     save_file(tensors, out / "model.safetensors", metadata=metadata)
-    with pytest.raises(CheckpointError, match=r"do not fit the network.*conv_out\.weight"):
+    with pytest.raises(CheckpointError, match=r"do not fit the model.*conv_out\.weight"):
         load_model(out)
     assert json.loads(metadata["model"])["network"]["name"] == "unet"
 

@@ -364,6 +364,11 @@ def foreign_entry(checkpoint: dict[str, Any]) -> None:
     checkpoint["state_dict"]["optimizer_hook"] = torch.zeros(1)
 
 
+def foreign_process_entry(checkpoint: dict[str, Any]) -> None:
+    """An entry where the diffusion process keeps what it learns (EDM2's weighting head)."""
+    checkpoint["state_dict"]["diffusion.hook"] = torch.zeros(1)
+
+
 def reshaped_raw_weight(checkpoint: dict[str, Any]) -> None:
     raw = dict(checkpoint["state_dict"])
     raw["net.init_conv.weight"] = torch.zeros(1)
@@ -373,6 +378,7 @@ def reshaped_raw_weight(checkpoint: dict[str, Any]) -> None:
 WEIGHT_EDITS: dict[Callable[[dict[str, Any]], None], str] = {
     reshaped_weight: "other shapes ['conv_out.weight']",
     foreign_entry: "entries ['optimizer_hook'] that belong to no part",
+    foreign_process_entry: "diffusion weights (state_dict)",
     reshaped_raw_weight: "weights (current_model_state)",
 }
 

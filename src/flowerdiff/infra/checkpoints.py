@@ -25,7 +25,9 @@ from flowerdiff.training.spec import ModelSpec, SpecError
 # averaged ones as the checkpoint's state_dict.
 RAW_WEIGHTS_KEY = "current_model_state"
 WEIGHT_CHOICES = ("ema", "raw")
-TRAINING_ONLY_PREFIX = "diffusion."  # state learned for the loss only (sampling ignores it)
+# A module state dict: the network's weights, and what the diffusion process learns for training
+# only (EDM2's loss weighting head), which sampling never uses.
+NETWORK_PREFIX, PROCESS_PREFIX = "net.", "diffusion."
 
 
 class CheckpointError(RuntimeError):
@@ -78,30 +80,38 @@ def checkpoint_spec(checkpoint: dict[str, Any], source: str | Path) -> ModelSpec
             "scripts/train.py, or an export of scripts/export.py."
         )
     spec = parse_spec(checkpoint[CHECKPOINT_KEY], source)
-    meta, _ = check_spec(spec, source)
+    meta, diffusion = check_spec(spec, source)
     for key in ("state_dict", RAW_WEIGHTS_KEY):
         if key in checkpoint:
-            state = checkpoint[key]
-            check_weights_fit(meta, _strip_prefix(state, source, key), source, f"weights ({key})")
+            network, process = _split_state(checkpoint[key], source, key)
+            check_weights_fit(meta, network, source, f"weights ({key})")
+            check_weights_fit(diffusion, process, source, f"diffusion weights ({key})")
     return spec
 
 
-def _strip_prefix(state: Any, source: str | Path, key: str) -> dict[str, Any]:
-    """A module state dict (``net.*`` keys) as the network's. ``diffusion.*`` keys are what the
-    diffusion process learns for training only (EDM2's loss weighting head), which sampling
-    never uses; any other key is refused."""
+def _split_state(state: Any, source: str | Path, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A module state dict as (the network's, the diffusion process's), prefixes removed; any
+    other key is refused."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{str(source)!r} has no state dict of tensors ({key}).")
-    prefix = "net."
-    state = {k: v for k, v in state.items() if not str(k).startswith(TRAINING_ONLY_PREFIX)}
-    others = [k for k in state if not str(k).startswith(prefix)][:3]
+    network: dict[str, Any] = {}
+    process: dict[str, Any] = {}
+    others = []
+    for name, value in state.items():
+        name = str(name)
+        if name.startswith(NETWORK_PREFIX):
+            network[name.removeprefix(NETWORK_PREFIX)] = value
+        elif name.startswith(PROCESS_PREFIX):
+            process[name.removeprefix(PROCESS_PREFIX)] = value
+        else:
+            others.append(name)
     if others:
         raise CheckpointError(
-            f"The weights ({key}) in {str(source)!r} hold entries {others} that belong to no "
+            f"The weights ({key}) in {str(source)!r} hold entries {others[:3]} that belong to no "
             "part of a flowerdiff model. The file is damaged or was edited; use the files as "
             "training wrote them."
         )
-    return {str(k)[len(prefix) :]: v for k, v in state.items()}
+    return network, process
 
 
 def parse_spec(data: Any, source: str | Path) -> ModelSpec:
@@ -203,20 +213,21 @@ def _first_difference(stored: Any, canonical: Any, where: str) -> str | None:
 
 
 def check_weights_fit(
-    spec_network: nn.Module, weights: Any, source: str | Path, what: str = "weights"
+    module: nn.Module, weights: Any, source: str | Path, what: str = "weights"
 ) -> None:
-    """The tensors of ``weights`` (network state dict, no prefix) are exactly the parameters and
-    buffers of the (meta) network: same names, same shapes."""
+    """The tensors of ``weights`` (a state dict, no prefix) are exactly the parameters and
+    persistent buffers of ``module`` (the meta network, or the diffusion process): same
+    names, same shapes."""
     if not isinstance(weights, dict):
         raise CheckpointError(f"{str(source)!r} has no state dict of tensors ({what}).")
-    expected = {name: tuple(t.shape) for name, t in spec_network.state_dict().items()}
+    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in weights.items() if isinstance(t, torch.Tensor)}
     if expected != found or len(found) != len(weights):
         missing = sorted(set(expected) - set(found))[:3]
         extra = sorted(str(k) for k in set(weights) - set(expected))[:3]
         wrong = [n for n in expected if n in found and expected[n] != found[n]][:3]
         raise CheckpointError(
-            f"The {what} in {str(source)!r} do not fit the network it describes (missing "
+            f"The {what} in {str(source)!r} do not fit the model it describes (missing "
             f"{missing}, unexpected {extra}, other shapes {wrong}). The file is damaged or was "
             "edited; use the files as training or scripts/export.py wrote them."
         )
@@ -253,7 +264,7 @@ def network_weights(
             f"{str(source)!r} holds one set of weights (training ran without EMA): use "
             "weights=ema, which are those weights."
         )
-    return _strip_prefix(checkpoint[key], source, key)
+    return _split_state(checkpoint[key], source, key)[0]
 
 
 def has_raw_weights(checkpoint: dict[str, Any]) -> bool:
