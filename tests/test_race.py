@@ -159,7 +159,7 @@ def test_auto_peer_width_matches_our_parameter_count(tmp_path: Path) -> None:
     # x0.125 = (16, 16, 32, 32, 64, 64): 1.79M parameters at 32x32, the issue's peer.
     assert peer_width(cfg, 1_800_000) == 0.125
     assert peer_width(cfg, 2_764_259) == 0.125  # 1.79M is nearer than x0.1875's 4.01M
-    assert peer_width(cfg, 2_930_371) == 0.1875  # unet_cpu: 4.01M is nearer than 1.79M
+    assert peer_width(cfg, 2_979_715) == 0.1875  # unet_cpu: 4.01M is nearer than 1.79M
     assert peer_width(cfg, 4_000_000) == 0.1875
     assert peer_width(race_config(tmp_path, "peer.width=0.5"), 1) == 0.5
 
