@@ -462,6 +462,34 @@ def test_checkpoint_payloads_are_refused(
         assert not [p for p in (tmp_path / folder).rglob("*") if p.is_file()], folder
 
 
+def test_a_learned_weighting_head_must_fit_its_description(tiny_config, tmp_path: Path) -> None:
+    """EDM2's weighting head is the one part of the process with weights: a checkpoint whose
+    head lost a tensor or changed its shape is refused, naming the part, before any model is
+    built (a DDPM checkpoint's process has none, so the edits above cannot cover this)."""
+    from flowerdiff.infra.config import build_module
+
+    module = build_module(
+        tiny_config("diffusion=edm", "sampler=heun", "diffusion.learned_weighting=true")
+    )
+    head = "diffusion.logvar.linear.weight"
+    edits = {
+        "reshaped": lambda state: state.__setitem__(head, torch.zeros(2, 128)),
+        "missing": lambda state: state.pop(head),
+    }
+    for name, edit in edits.items():
+        state = dict(module.state_dict())
+        assert head in state
+        edit(state)
+        path = tmp_path / f"head-{name}.ckpt"
+        torch.save({"state_dict": state, "flowerdiff": module.spec.to_dict()}, path)
+        with pytest.raises(CheckpointError) as info:
+            load_model(path)
+        assert_refused(info.value, path, "diffusion weights (state_dict)")
+    intact = tmp_path / "head-intact.ckpt"
+    torch.save({"state_dict": module.state_dict(), "flowerdiff": module.spec.to_dict()}, intact)
+    assert load_model(intact).diffusion.logvar is not None
+
+
 class CreatesFile:
     """Unpickling this runs ``os.system("touch <marker>")``."""
 
