@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flowerdiff.infra import devices
 from flowerdiff.infra.checkpoints import read_checkpoint
 from flowerdiff.infra.config import build_module
 from flowerdiff.infra.devices import autocast_context, resolve_precision
@@ -63,6 +64,32 @@ def test_precision_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_precision("auto", "cpu") == "32-true"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert resolve_precision("auto", "auto") == "16-mixed"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_bf16_follows_the_cpus_native_bf16(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU recipes' precision: bf16 autocast only where oneDNN has native bf16 kernels,
+    float32 where bf16 convolutions would be emulated; plain ``auto`` stays float32 on a CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(devices, "native_cpu_bf16", lambda: native)
+    expected = "bf16-mixed" if native else "32-true"
+    assert resolve_precision("auto-bf16", "cpu") == expected
+    assert resolve_precision("auto-bf16", "auto") == expected
+    assert resolve_precision("auto", "cpu") == "32-true"
+    cpu = torch.device("cpu")
+    context = autocast_context("auto-bf16", cpu)
+    assert (context is contextlib.nullcontext) is not native
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_precision("auto-bf16", "gpu") == "16-mixed"  # on a GPU, auto's choice
+
+
+def test_native_cpu_bf16_is_onednns_check() -> None:
+    assert devices.native_cpu_bf16() == (
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 def test_compile_keeps_state_dict_keys_and_fused_adamw_only_on_cuda(tiny_config) -> None:

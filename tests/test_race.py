@@ -14,6 +14,7 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from flowerdiff.infra import devices
 from flowerdiff.infra.config import ConfigError, build_module
 from flowerdiff.tasks import race
 from flowerdiff.tasks.race import (
@@ -144,7 +145,7 @@ def test_bad_settings_are_reported_together(tmp_path: Path) -> None:
     assert "4 problems" in message
     assert "`image_size=48`" in message and "`snapshots=0`" in message
     assert "`peer.sampler='euler'`" in message
-    assert "`peer.mixed_precision='fp16'` must be no or bf16" in message
+    assert "`peer.mixed_precision='fp16'` must be no, bf16 or auto" in message
 
 
 def test_missing_data_folder_names_the_key(tmp_path: Path) -> None:
@@ -173,6 +174,20 @@ def test_our_default_side_is_the_cpu_quick_recipe(tmp_path: Path) -> None:
         assert OmegaConf.select(race, key) == OmegaConf.select(quick, key), key
     for key in ("data.batch_size", "data.image_size", "trainer.precision"):
         assert OmegaConf.select(race, key) == OmegaConf.select(quick, key), key
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_both_sides_train_in_bf16_only_where_the_cpu_has_it(
+    native: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The defaults (auto-bf16, peer auto) resolve once, to the same choice for both sides;
+    an explicit peer setting is kept."""
+    monkeypatch.setattr(devices, "native_cpu_bf16", lambda: native)
+    resolved = resolve_config(race_config(tmp_path))
+    assert resolved.trainer.precision == ("bf16-mixed" if native else "32-true")
+    assert resolved.peer.mixed_precision == ("bf16" if native else "no")
+    kept = resolve_config(race_config(tmp_path, "peer.mixed_precision=bf16"))
+    assert kept.peer.mixed_precision == "bf16"
 
 
 def test_our_trainer_clips_gradients_as_the_recipe_says(tmp_path: Path) -> None:

@@ -16,18 +16,30 @@ import torch
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+AUTO_PRECISIONS = ("auto", "auto-bf16")
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def native_cpu_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 convolutions natively on this CPU (AVX-512 or AMX). Without
+    it they fall back to a generic kernel: measured on a 2-core AVX2 EPYC, a bf16-autocast
+    training step of ``unet_cpu`` took 15x as long as a float32 one."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def resolve_precision(precision: str | int, accelerator: str = "auto") -> str | int:
-    """``auto``: bf16-mixed on GPUs that support it, 16-mixed on older GPUs, 32-true on the CPU."""
-    if str(precision) != "auto":
+    """``auto``: bf16-mixed on GPUs that support it, 16-mixed on older GPUs, 32-true on the CPU.
+    ``auto-bf16``: the same, except bf16-mixed on a CPU that computes bf16 natively (the CPU
+    recipes': 1.3x the images/s of float32 there, a fraction of it elsewhere)."""
+    if str(precision) not in AUTO_PRECISIONS:
         return precision
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if precision == "auto-bf16" and accelerator in ("auto", "cpu") and native_cpu_bf16():
+        return "bf16-mixed"
     return "32-true"
 
 
@@ -42,8 +54,8 @@ def autocast_context(
     if dtype is None:
         if name not in ("32-true", "32", "64-true", "64"):
             raise ValueError(
-                f"`precision={precision!r}` is not known. Valid values are auto, 32-true, "
-                "bf16-mixed and 16-mixed."
+                f"`precision={precision!r}` is not known. Valid values are auto, auto-bf16, "
+                "32-true, bf16-mixed and 16-mixed."
             )
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=dtype)

@@ -636,10 +636,11 @@ def resolve_config(cfg: DictConfig) -> DictConfig:
         problems.add(f"`lr_horizon={cfg.lr_horizon!r}` must be auto or a number of steps >= 1.")
     if cfg.peer.sampler not in ("ddpm", "ddim"):
         problems.add(f"`peer.sampler={cfg.peer.sampler!r}` must be ddpm or ddim.")
-    if cfg.peer.mixed_precision not in ("no", False, "bf16"):  # YAML reads a bare `no` as false
+    if cfg.peer.mixed_precision not in ("no", False, "bf16", "auto"):  # YAML: bare `no` is false
         problems.add(
-            f"`peer.mixed_precision={cfg.peer.mixed_precision!r}` must be no or bf16 "
-            "(the script's --mixed_precision; fp16 needs a GPU's loss scaling)."
+            f"`peer.mixed_precision={cfg.peer.mixed_precision!r}` must be no, bf16 or auto "
+            "(the script's --mixed_precision, or auto: bf16 when our side trains in bf16; fp16 "
+            "needs a GPU's loss scaling)."
         )
     if cfg.device not in ("cpu", "cuda"):
         problems.add(f"`device={cfg.device!r}` must be cpu or cuda.")
@@ -662,6 +663,10 @@ def resolve_config(cfg: DictConfig) -> DictConfig:
     with open_dict(cfg):
         cfg.data.root = root
     validate_train_config(cfg)  # our side, as scripts/train.py would check it
+    with open_dict(cfg):  # both sides' precision, decided once on this machine
+        cfg.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.device)
+        if cfg.peer.mixed_precision == "auto":
+            cfg.peer.mixed_precision = "bf16" if cfg.trainer.precision == "bf16-mixed" else "no"
     return OmegaConf.create({key: plain(node) for key, node in cfg.items() if key != "hydra"})
 
 
