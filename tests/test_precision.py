@@ -92,6 +92,23 @@ def test_native_cpu_bf16_is_onednns_check() -> None:
     )
 
 
+def test_the_precisions_we_accept_are_lightnings() -> None:
+    """The check before training accepts exactly what Lightning's Trainer accepts (plus our
+    two auto values), so neither a Lightning upgrade nor a typo in our list goes unnoticed."""
+    from typing import get_args
+
+    from lightning.fabric import connector
+
+    lightning = {
+        str(value) for alias in get_args(connector._PRECISION_INPUT) for value in get_args(alias)
+    }
+    assert set(devices.LIGHTNING_PRECISIONS) == lightning
+    for name in devices.AUTO_PRECISIONS + devices.LIGHTNING_PRECISIONS:
+        devices.check_precision(name)
+    with pytest.raises(ValueError, match=r"`trainer.precision='bf16_mixed'` is not a precision"):
+        devices.check_precision("bf16_mixed")
+
+
 def test_compile_keeps_state_dict_keys_and_fused_adamw_only_on_cuda(tiny_config) -> None:
     plain = build_module(tiny_config())
     compiled = build_module(tiny_config("model.compile=true"))

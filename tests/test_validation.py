@@ -169,6 +169,7 @@ def test_label_dropout_out_of_range(tiny_config) -> None:
         ("callbacks.ema._target_=lightning.EMA", "`callbacks.ema._target_='lightning.EMA'`"),
         ("trainer.gradient_clip_val=-1", "`trainer.gradient_clip_val=-1` must be a number >= 0"),
         ("trainer.gradient_clip_algorithm=max", "`trainer.gradient_clip_algorithm='max'` must be"),
+        ("trainer.precision=auto_bf16", "`trainer.precision='auto_bf16'` is not a precision"),
     ],
 )
 def test_training_options_fail_before_any_data_is_decoded(

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flowerdiff.diffusion import Diffusion, Sampler, build_diffusion, build_sampler
 from flowerdiff.infra.checkpoints import checkpoint_spec, read_checkpoint
-from flowerdiff.infra.devices import check_devices
+from flowerdiff.infra.devices import check_devices, check_precision
 from flowerdiff.registry import check_keys
 from flowerdiff.training.module import DiffusionModule
 from flowerdiff.training.spec import ModelSpec
@@ -244,6 +244,8 @@ def validate_train_config(cfg: DictConfig) -> ModelSpec:
                 check_target_keys(node, f"{group}.{name}", problems)
     check_target_keys(cfg.trainer, "trainer", problems, skip=("plugins", "strategy"))
     check_clipping(cfg.trainer, problems)
+    with problems.catch("trainer.precision"):
+        check_precision(cfg.trainer.get("precision", "32-true"))
     for message in check_devices(cfg):
         problems.add(message)
     check_ckpt_path(cfg.get("ckpt_path"), problems)

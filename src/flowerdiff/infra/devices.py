@@ -17,6 +17,11 @@ import torch
 GPU_ACCELERATORS = ("gpu", "cuda")
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 AUTO_PRECISIONS = ("auto", "auto-bf16")
+# Lightning 2's Trainer(precision=...) values (lightning.fabric.connector._PRECISION_INPUT).
+LIGHTNING_PRECISIONS = (
+    "32-true", "bf16-mixed", "16-mixed", "64-true", "bf16-true", "16-true",
+    "transformer-engine", "transformer-engine-float16", "32", "64", "16", "bf16",
+)  # fmt: skip
 
 
 def _is_int(value: Any) -> bool:
@@ -41,6 +46,17 @@ def resolve_precision(precision: str | int, accelerator: str = "auto") -> str | 
     if precision == "auto-bf16" and accelerator in ("auto", "cpu") and native_cpu_bf16():
         return "bf16-mixed"
     return "32-true"
+
+
+def check_precision(precision: Any, key: str = "trainer.precision") -> None:
+    """A ValueError naming ``key`` for a precision neither ours nor Lightning's, so that a typo
+    is refused with the other config errors rather than by the Trainer after the data load."""
+    if str(precision) not in AUTO_PRECISIONS + LIGHTNING_PRECISIONS:
+        raise ValueError(
+            f"`{key}={precision!r}` is not a precision. Use auto (float32 on the CPU, bf16 or "
+            "16-bit mixed on GPUs), auto-bf16 (also bf16 on a CPU that computes it natively), "
+            "or one of Lightning's: " + ", ".join(LIGHTNING_PRECISIONS[:6]) + "."
+        )
 
 
 def autocast_context(
