@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+# pytest-xdist workers for `make test` (auto: one per core; 0 runs in this process).
+TEST_WORKERS ?= auto
 FID_CACHE ?= $(or $(FLOWERDIFF_FID_CACHE),$(HOME)/.cache/flowerdiff/fid)
 
 .PHONY: install train test test-fast lint format fid-weights benchmark browser clean
@@ -20,13 +22,13 @@ $(STAMP): pyproject.toml
 train: install fid-weights
 	$(PY) scripts/train.py $(ARGS)
 
-# Tests use tiny tensors: one BLAS/OpenMP thread per process is faster, and the DDP tests'
-# two processes do not oversubscribe a 2-core machine.
+# Tests use tiny tensors: one BLAS/OpenMP thread per process, and one pytest worker per core,
+# is faster than torch's threads inside one process (2-core AVX2 CPU: 8.6 against 15.5 minutes).
 test: install fid-weights browser
-	OMP_NUM_THREADS=1 $(PY) -m pytest $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) $(ARGS)
 
 test-fast: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow" $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) -m "not slow" $(ARGS)
 
 lint: install
 	$(PY) -m ruff check src scripts tests
