@@ -20,7 +20,13 @@ from torch.nn.utils import parameters_to_vector
 from flowerdiff.callbacks.fid import FIDCallback
 from flowerdiff.diffusion.guidance import Guidance
 from flowerdiff.metrics import quality
-from flowerdiff.metrics.features import build_inception, resize_for_inception, to_uint8
+from flowerdiff.metrics.features import (
+    CPU_MICRO_BATCH,
+    build_inception,
+    in_micro_batches,
+    resize_for_inception,
+    to_uint8,
+)
 from flowerdiff.metrics.quality import SampleQuality, reference_features
 from flowerdiff.metrics.weights import TORCHSCRIPT_FILE, FIDWeightsError, torchscript_path
 from flowerdiff.tasks.train import train
@@ -75,6 +81,24 @@ def test_shards_cover_every_image_once() -> None:
         assert indices == list(range(total))
 
 
+def test_inception_runs_in_micro_batches_on_the_cpu_only() -> None:
+    seen: list[tuple[str, int]] = []
+
+    def forward(images: Tensor) -> Tensor:
+        seen.append((images.device.type, len(images)))
+        return images.flatten(1).float() * 2
+
+    images = torch.arange(11 * 3, dtype=torch.uint8).reshape(11, 3, 1, 1)
+    out = in_micro_batches(forward, images)
+    torch.testing.assert_close(out, images.flatten(1).float() * 2)
+    assert seen == [("cpu", CPU_MICRO_BATCH)] * (11 // CPU_MICRO_BATCH) + [
+        ("cpu", 11 % CPU_MICRO_BATCH)
+    ]
+    seen.clear()
+    in_micro_batches(forward, torch.zeros(11, 3, 1, 1, device="meta"))  # a GPU's batch: whole
+    assert seen == [("meta", 11)]
+
+
 def test_resize_is_tensorflow1_bilinear() -> None:
     """Against an independent formula of TF1's bilinear resize (StyleGAN's ``nv_bilinear``)."""
     images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
@@ -120,6 +144,39 @@ def test_reference_cache_hit_does_not_recompute(tmp_path: Path, monkeypatch) -> 
     assert not hit  # another network is another cache entry
     _, hit = reference_features(load, "folder|other-size", extractor, tmp_path)
     assert not hit and len(calls) == 3
+
+
+def test_reference_pieces_computed_elsewhere_are_joined_not_recomputed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race's sides share the reference: a helper computes the pieces nobody has claimed;
+    the final call computes only the rest, and the result is one computation's."""
+    monkeypatch.setattr(quality, "REFERENCE_SHARD", 4)
+    images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
+    whole = quality.extract_features(TinyFeatures(), images, 3)
+    work, cache = tmp_path / "work", tmp_path / "cache"
+    claimed = quality.shard_path(work, "folder|abc", CountingFeatures(), 1).with_suffix(".claim")
+    claimed.parent.mkdir(parents=True)
+    claimed.touch()  # another process holds piece 1 (say it stopped before finishing it)
+    CountingFeatures.calls.clear()
+    done = quality.help_with_reference(
+        lambda: images, "folder|abc", CountingFeatures(), cache, work, 3
+    )
+    assert done == 2 and CountingFeatures.calls == [3, 1, 2]  # pieces 0 and 2 (images 0-3, 8-9)
+    CountingFeatures.calls.clear()
+    features, hit = reference_features(
+        lambda: images, "folder|abc", CountingFeatures(), cache, 3, work_dir=work
+    )
+    assert not hit and CountingFeatures.calls == [3, 1]  # piece 1 only
+    torch.testing.assert_close(features, whole, rtol=0, atol=1e-6)
+    assert not claimed.parent.exists()  # the pieces are gone once the reference is cached
+
+    def never() -> Tensor:
+        raise AssertionError("the cached reference was computed again")
+
+    assert quality.help_with_reference(never, "folder|abc", CountingFeatures(), cache, work) == 0
+    cached, hit = reference_features(never, "folder|abc", CountingFeatures(), cache, work_dir=work)
+    assert hit and torch.equal(cached, features)
 
 
 def fid_config(
@@ -283,11 +340,12 @@ def test_real_inception_halves_low_blurred_high() -> None:
     blurred = gaussian_blur(second, kernel_size=[5, 5], sigma=[1.5, 1.5])
     extractor = build_inception(source="torchscript")
     features = [quality.extract_features(extractor, x, 32) for x in (first, second, blurred)]
-    # The extractor feeds the network channels_last (faster on the CPU): the same features as
-    # the plain layout, up to float rounding (measured: 4.5e-6 at most, features up to 5.3).
+    # The extractor feeds the network channels_last and CPU_MICRO_BATCH images at a time (both
+    # faster on the CPU): the same features as one plain batch, up to float rounding (measured:
+    # 4.5e-6 at most, features up to 5.3).
     with torch.no_grad():
-        plain = extractor.net(resize_for_inception(first[:4])).float().flatten(1)
-    torch.testing.assert_close(features[0][:4], plain, rtol=0, atol=1e-4)
+        plain = extractor.net(resize_for_inception(first[:8])).float().flatten(1)
+    torch.testing.assert_close(features[0][:8], plain, rtol=0, atol=1e-4)
 
     def score(fake: Tensor) -> dict[str, float]:
         metric = SampleQuality(2048, kid=True, kid_subset_size=32, sync=False)

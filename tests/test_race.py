@@ -105,6 +105,10 @@ def test_race_end_to_end_on_a_tiny_budget(tmp_path: Path, monkeypatch: pytest.Mo
     snapshot = torch.load(report["ours"]["snapshots"][0]["path"], weights_only=True)
     assert snapshot["weights"] == "ema"
     assert snapshot["steps"] == report["ours"]["snapshots"][0]["steps"]
+    # The FID reference (not cached yet) was computed by the sides once they had evaluated:
+    # its one piece by one of them; the main process joined it, cached it, removed the piece.
+    assert report["ours"]["reference_pieces"] + report["peer"]["reference_pieces"] == 1
+    assert not (run / "race" / "reference").exists()
     table = format_table(report)
     assert "| flowerdiff |" in table and "diffusers x0.0625" in table
     assert table.count("\n| 1 |") == 1 and table.count("\n| 2 |") == 1
@@ -117,6 +121,7 @@ def test_race_end_to_end_on_a_tiny_budget(tmp_path: Path, monkeypatch: pytest.Mo
         assert again[side]["steps"] == report[side]["steps"]
         assert again[side]["snapshots"][1]["elapsed_s"] == report[side]["snapshots"][1]["elapsed_s"]
     assert again["num_samples"] == 8 and again["budget_minutes"] == report["budget_minutes"]
+    assert again["ours"]["reference_pieces"] == again["peer"]["reference_pieces"] == 0  # cached
 
 
 def test_clock_saves_due_snapshots_and_stops_at_the_budget() -> None:

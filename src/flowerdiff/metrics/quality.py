@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +29,9 @@ from flowerdiff.metrics.features import extractor_fingerprint
 log = logging.getLogger(__name__)
 
 REFERENCE_VERSION = 1
+# Images per piece of a reference that several processes compute together (a multiple of the
+# extractor's CPU micro-batch; 29 pieces for the 7,370 flowers).
+REFERENCE_SHARD = 256
 
 
 class Features(nn.Module):
@@ -132,6 +137,15 @@ def reference_key(data_key: str, extractor: nn.Module) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def reference_path(cache_dir: str | Path, data_key: str, extractor: nn.Module) -> Path:
+    return Path(cache_dir).expanduser() / f"fid-reference-{reference_key(data_key, extractor)}.pt"
+
+
+def shard_path(work_dir: Path, data_key: str, extractor: nn.Module, index: int) -> Path:
+    """Where a helper leaves the features of reference shard ``index`` (keyed like the cache)."""
+    return work_dir / reference_key(data_key, extractor) / f"shard_{index}.pt"
+
+
 def reference_features(
     images: Callable[[], Tensor],
     data_key: str,
@@ -140,27 +154,84 @@ def reference_features(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    work_dir: Path | None = None,
 ) -> tuple[Tensor, bool]:
     """Real-image features ``[N, D]`` from ``cache_dir`` or computed (and saved) now.
 
     ``images`` is only called on a cache miss. Returns the features and whether they came from
     the cache. Features rather than mean/covariance are stored, so KID can use them too.
+    ``work_dir``: shards that other processes computed there (:func:`help_with_reference`) are
+    taken as they are; only the others are computed here.
     """
-    path = None
-    if cache_dir is not None:
-        path = (
-            Path(cache_dir).expanduser() / f"fid-reference-{reference_key(data_key, extractor)}.pt"
-        )
-        if path.is_file():
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-            return cached["features"], True
+    path = None if cache_dir is None else reference_path(cache_dir, data_key, extractor)
+    if path is not None and path.is_file():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        return cached["features"], True
     real = images()
     log.info("Computing FID reference features of %d real images (once; cached)", len(real))
-    features = extract_features(extractor, real, batch_size, device, progress)
+    if work_dir is None:
+        features = extract_features(extractor, real, batch_size, device, progress)
+    else:
+        parts = []
+        for index, shard in enumerate(real.split(REFERENCE_SHARD)):
+            done = shard_path(work_dir, data_key, extractor, index)
+            if done.is_file():
+                parts.append(torch.load(done, map_location="cpu", weights_only=True))
+            else:
+                parts.append(extract_features(extractor, shard, batch_size, device, progress))
+        features = torch.cat(parts)
     if path is not None:
         meta = {"data_key": data_key, "extractor": extractor_fingerprint(extractor)}
         atomic_torch_save({"features": features, "meta": meta}, path)
+    if work_dir is not None:
+        shutil.rmtree(work_dir / reference_key(data_key, extractor), ignore_errors=True)
     return features, False
+
+
+def help_with_reference(
+    images: Callable[[], Tensor],
+    data_key: str,
+    extractor: nn.Module,
+    cache_dir: str | Path | None,
+    work_dir: Path,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> int:
+    """Compute the reference shards no other process has claimed, each saved in ``work_dir``;
+    the number computed. For processes that finish their own work early (the race's sides):
+    with one thread each, two processes extract 1.3x the features per second of one process
+    with two threads. Nothing to do when the reference is cached."""
+    if cache_dir is not None and reference_path(cache_dir, data_key, extractor).is_file():
+        return 0
+    real = images()
+    computed = 0
+    for index, shard in enumerate(real.split(REFERENCE_SHARD)):
+        done = shard_path(work_dir, data_key, extractor, index)
+        done.parent.mkdir(parents=True, exist_ok=True)
+        try:  # the claim: whoever creates this file first computes the shard
+            os.close(os.open(done.with_suffix(".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        atomic_torch_save(extract_features(extractor, shard, batch_size, device), done)
+        computed += 1
+    return computed
+
+
+def datamodule_data_key(datamodule: object) -> str:
+    """The identity of a FlowersDataModule's images for the reference cache."""
+    return f"{datamodule.source_name}|{cache_key(datamodule.image_files(), datamodule.image_size)}"
+
+
+def datamodule_images(datamodule: object) -> Callable[[], Tensor]:
+    """Every image of the source, the validation hold-out included: FID's reference is the
+    data distribution, and the split seed must not change the score. The set the data module
+    already decoded for training (setup), else decoded (or read from its cache) when called."""
+
+    def images() -> Tensor:
+        decoded = getattr(datamodule, "images", None)
+        return decoded if decoded is not None else datamodule.load_images()
+
+    return images
 
 
 def datamodule_reference(
@@ -170,22 +241,19 @@ def datamodule_reference(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    work_dir: Path | None = None,
 ) -> tuple[Tensor, bool]:
-    """Reference features of every image of a FlowersDataModule (its decoded uint8 tensor).
-
-    All images of the source count, the validation hold-out included: FID's reference is the
-    data distribution, and the split seed must not change the score.
-    """
-    data_key = (
-        f"{datamodule.source_name}|{cache_key(datamodule.image_files(), datamodule.image_size)}"
+    """Reference features of every image of a FlowersDataModule (its decoded uint8 tensor)."""
+    return reference_features(
+        datamodule_images(datamodule),
+        datamodule_data_key(datamodule),
+        extractor,
+        cache_dir,
+        batch_size,
+        device,
+        progress,
+        work_dir,
     )
-
-    def images() -> Tensor:
-        # The set the data module already decoded for training (setup), else decode it now.
-        decoded = getattr(datamodule, "images", None)
-        return decoded if decoded is not None else datamodule.load_images()
-
-    return reference_features(images, data_key, extractor, cache_dir, batch_size, device, progress)
 
 
 def _kth_neighbour_radii(features: Tensor, k: int, chunk: int) -> Tensor:

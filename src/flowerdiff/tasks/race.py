@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -69,7 +70,14 @@ from flowerdiff.infra.config import (
 )
 from flowerdiff.infra.devices import resolve_precision
 from flowerdiff.metrics.features import to_uint8
-from flowerdiff.metrics.quality import SampleQuality, datamodule_reference, extract_features
+from flowerdiff.metrics.quality import (
+    SampleQuality,
+    datamodule_data_key,
+    datamodule_images,
+    datamodule_reference,
+    extract_features,
+    help_with_reference,
+)
 from flowerdiff.tasks.benchmark import (
     CPU_ATTENTION_FLOPS,
     measuring_trainer,
@@ -105,6 +113,7 @@ EVALUATION_KEYS = (
     "peer.num_inference_steps",
 )
 POLL_S = 0.05
+REFERENCE_WORK = "reference"  # the race folder's pieces of the FID reference, while they last
 
 
 # -- the clock ------------------------------------------------------------------------------------
@@ -608,6 +617,18 @@ def run_side(config_path: str | Path, side: str) -> None:
         evaluate_ours(cfg, result["snapshots"], folder)
     else:
         evaluate_peer(cfg, result["snapshots"], folder, result["width"])
+    # The side that finishes first would leave its core idle: both take pieces of the FID
+    # reference (when it is not cached) until none is left; the main process joins them.
+    datamodule = instantiate(cfg.data)
+    result["reference_pieces"] = help_with_reference(
+        datamodule_images(datamodule),
+        datamodule_data_key(datamodule),
+        instantiate(cfg.feature_extractor).eval(),
+        cfg.fid_cache_dir,
+        folder.parent / REFERENCE_WORK,
+        cfg.feature_batch_size,
+        cfg.device,
+    )
     (folder / "result.json").write_text(json.dumps(result, indent=2))
 
 
@@ -702,10 +723,12 @@ def run_race(cfg: DictConfig) -> dict[str, Any]:
         resolved.threads,
         folder,
     )
+    shutil.rmtree(folder / REFERENCE_WORK, ignore_errors=True)  # an earlier race's claims
     for sides in groups:
         run_processes(config_path, folder, sides, int(resolved.threads))
     results = {side: json.loads((folder / side / "result.json").read_text()) for side in SIDES}
-    report = score(resolved, results)
+    report = score(resolved, results, folder / REFERENCE_WORK)
+    shutil.rmtree(folder / REFERENCE_WORK, ignore_errors=True)
     print(format_table(report))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
@@ -823,12 +846,21 @@ def run_processes(config_path: Path, folder: Path, sides: list[str], threads: in
             )
 
 
-def score(cfg: DictConfig, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """FID/KID of every snapshot against the reference features of the whole data set."""
+def score(
+    cfg: DictConfig, results: dict[str, dict[str, Any]], work_dir: Path | None = None
+) -> dict[str, Any]:
+    """FID/KID of every snapshot against the reference features of the whole data set (the
+    pieces the sides computed in ``work_dir`` joined, the rest computed now)."""
     extractor = instantiate(cfg.feature_extractor).eval()
     datamodule = instantiate(cfg.data)
     real, _ = datamodule_reference(
-        datamodule, extractor, cfg.fid_cache_dir, cfg.feature_batch_size, cfg.device, progress=True
+        datamodule,
+        extractor,
+        cfg.fid_cache_dir,
+        cfg.feature_batch_size,
+        cfg.device,
+        progress=True,
+        work_dir=work_dir,
     )
     quality = SampleQuality(real.shape[1], kid=cfg.kid, sync=False)
     quality.update(real, real=True)
