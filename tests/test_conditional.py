@@ -453,7 +453,7 @@ def test_evaluate_guidance_sweep_writes_json_and_plot(
     module = load_model(conditional_checkpoint)
     sampler = module.diffusion.sampler.with_options(num_inference_steps=2)
     real, _ = datamodule_reference(
-        instantiate(cfg.data), MixingFeatures(), tmp_path / "fid-cache", 4
+        instantiate(cfg.data), MixingFeatures(), tmp_path / "fid-cache", batch_size=4
     )
     for run in sweep:
         fake = torch.cat(

@@ -157,12 +157,14 @@ def test_reference_pieces_computed_elsewhere_are_joined_not_recomputed(
     work, cache = tmp_path / "work", tmp_path / "cache"
     claimed = quality.shard_path(work, "folder|abc", CountingFeatures(), 1).with_suffix(".claim")
     claimed.parent.mkdir(parents=True)
-    claimed.touch()  # another process holds piece 1 (say it stopped before finishing it)
+    claimed.touch()  # another process holds piece 1 (and, below, leaves a bad file)
     CountingFeatures.calls.clear()
     done = quality.help_with_reference(
         lambda: images, "folder|abc", CountingFeatures(), cache, work, 3
     )
     assert done == 2 and CountingFeatures.calls == [3, 1, 2]  # pieces 0 and 2 (images 0-3, 8-9)
+    # A piece file that is not the features of its images is recomputed, not trusted.
+    torch.save(torch.zeros(3, 8), claimed.with_suffix(".pt"))
     CountingFeatures.calls.clear()
     features, hit = reference_features(
         lambda: images, "folder|abc", CountingFeatures(), cache, 3, work_dir=work

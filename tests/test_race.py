@@ -115,13 +115,24 @@ def test_race_end_to_end_on_a_tiny_budget(tmp_path: Path, monkeypatch: pytest.Mo
 
     # Re-scoring the same snapshots with more samples trains nothing.
     written = {p: p.stat().st_mtime_ns for p in (run / "race").glob("*/snapshots/*.pt")}
-    again = run_race(race_config(tmp_path, "evaluate_only=true", "num_samples=8"))
+    # One after the other, and with a new (cold) reference cache: the sides leave the reference
+    # to the main process, which has every thread then.
+    again = run_race(
+        race_config(
+            tmp_path,
+            "evaluate_only=true",
+            "num_samples=8",
+            "parallel=false",
+            f"fid_cache_dir={tmp_path / 'other-cache'}",
+        )
+    )
     assert {p: p.stat().st_mtime_ns for p in written} == written
     for side in ("ours", "peer"):
         assert again[side]["steps"] == report[side]["steps"]
         assert again[side]["snapshots"][1]["elapsed_s"] == report[side]["snapshots"][1]["elapsed_s"]
     assert again["num_samples"] == 8 and again["budget_minutes"] == report["budget_minutes"]
-    assert again["ours"]["reference_pieces"] == again["peer"]["reference_pieces"] == 0  # cached
+    assert again["ours"]["reference_pieces"] == again["peer"]["reference_pieces"] == 0
+    assert list((tmp_path / "other-cache").glob("fid-reference-*.pt"))
 
 
 def test_clock_saves_due_snapshots_and_stops_at_the_budget() -> None:

@@ -188,8 +188,8 @@ class FIDCallback(ValidationSamplingCallback):
                 datamodule,
                 self.extractor,
                 self.cache_dir,
-                self.reference_batch_size,
-                device,
+                batch_size=self.reference_batch_size,
+                device=device,
                 progress=trainer.is_global_zero,
             )
         trainer.strategy.barrier("fid_reference")
@@ -197,8 +197,8 @@ class FIDCallback(ValidationSamplingCallback):
             datamodule,
             self.extractor,
             self.cache_dir,
-            self.reference_batch_size,
-            device,
+            batch_size=self.reference_batch_size,
+            device=device,
             progress=self.cache_dir is None and trainer.is_global_zero,
         )
         self.timings["reference"] = time.perf_counter() - start

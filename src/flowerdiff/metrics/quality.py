@@ -15,6 +15,7 @@ import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -146,6 +147,28 @@ def shard_path(work_dir: Path, data_key: str, extractor: nn.Module, index: int) 
     return work_dir / reference_key(data_key, extractor) / f"shard_{index}.pt"
 
 
+def load_piece(path: Path, images: int, columns: int | None) -> Tensor | None:
+    """A helper's features of one piece: a float tensor with a row per image, else None (then
+    the piece is computed again rather than trusted)."""
+    if not path.is_file():
+        return None
+    try:
+        piece = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: the caller recomputes the piece
+        log.warning("Ignoring %s: not a tensor file", path)
+        return None
+    if (
+        isinstance(piece, Tensor)
+        and piece.is_floating_point()
+        and piece.dim() == 2
+        and len(piece) == images
+        and piece.shape[1] == (columns or piece.shape[1])
+    ):
+        return piece
+    log.warning("Ignoring %s: not the features of %d images", path, images)
+    return None
+
+
 def reference_features(
     images: Callable[[], Tensor],
     data_key: str,
@@ -175,10 +198,10 @@ def reference_features(
         parts = []
         for index, shard in enumerate(real.split(REFERENCE_SHARD)):
             done = shard_path(work_dir, data_key, extractor, index)
-            if done.is_file():
-                parts.append(torch.load(done, map_location="cpu", weights_only=True))
-            else:
-                parts.append(extract_features(extractor, shard, batch_size, device, progress))
+            piece = load_piece(done, len(shard), getattr(extractor, "num_features", None))
+            if piece is None:
+                piece = extract_features(extractor, shard, batch_size, device, progress)
+            parts.append(piece)
         features = torch.cat(parts)
     if path is not None:
         meta = {"data_key": data_key, "extractor": extractor_fingerprint(extractor)}
@@ -235,24 +258,16 @@ def datamodule_images(datamodule: object) -> Callable[[], Tensor]:
 
 
 def datamodule_reference(
-    datamodule: object,
-    extractor: nn.Module,
-    cache_dir: str | Path | None,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-    progress: bool = False,
-    work_dir: Path | None = None,
+    datamodule: object, extractor: nn.Module, cache_dir: str | Path | None, **options: Any
 ) -> tuple[Tensor, bool]:
-    """Reference features of every image of a FlowersDataModule (its decoded uint8 tensor)."""
+    """Reference features of every image of a FlowersDataModule (its decoded uint8 tensor);
+    ``options`` as :func:`reference_features`'s."""
     return reference_features(
         datamodule_images(datamodule),
         datamodule_data_key(datamodule),
         extractor,
         cache_dir,
-        batch_size,
-        device,
-        progress,
-        work_dir,
+        **options,
     )
 
 

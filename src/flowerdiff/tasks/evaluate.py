@@ -156,7 +156,12 @@ def evaluate(cfg: DictConfig, extractor: nn.Module | None = None) -> dict[str, A
 
     tic = time.perf_counter()
     real, cache_hit = datamodule_reference(
-        datamodule, extractor, cfg.fid.cache_dir, cfg.batch_size, device, progress=True
+        datamodule,
+        extractor,
+        cfg.fid.cache_dir,
+        batch_size=cfg.batch_size,
+        device=device,
+        progress=True,
     )
     base = {
         "ckpt_path": str(cfg.ckpt_path) if cfg.get("ckpt_path") else None,

@@ -617,18 +617,21 @@ def run_side(config_path: str | Path, side: str) -> None:
         evaluate_ours(cfg, result["snapshots"], folder)
     else:
         evaluate_peer(cfg, result["snapshots"], folder, result["width"])
-    # The side that finishes first would leave its core idle: both take pieces of the FID
-    # reference (when it is not cached) until none is left; the main process joins them.
-    datamodule = instantiate(cfg.data)
-    result["reference_pieces"] = help_with_reference(
-        datamodule_images(datamodule),
-        datamodule_data_key(datamodule),
-        instantiate(cfg.feature_extractor).eval(),
-        cfg.fid_cache_dir,
-        folder.parent / REFERENCE_WORK,
-        cfg.feature_batch_size,
-        cfg.device,
-    )
+    # Side by side, the side that finishes first would leave its core idle: both take pieces
+    # of the FID reference (when it is not cached) until none is left; the main process joins
+    # them. One after the other, the main process computes it with every thread.
+    result["reference_pieces"] = 0
+    if cfg.parallel:
+        datamodule = instantiate(cfg.data)
+        result["reference_pieces"] = help_with_reference(
+            datamodule_images(datamodule),
+            datamodule_data_key(datamodule),
+            instantiate(cfg.feature_extractor).eval(),
+            cfg.fid_cache_dir,
+            folder.parent / REFERENCE_WORK,
+            cfg.feature_batch_size,
+            cfg.device,
+        )
     (folder / "result.json").write_text(json.dumps(result, indent=2))
 
 
@@ -857,8 +860,8 @@ def score(
         datamodule,
         extractor,
         cfg.fid_cache_dir,
-        cfg.feature_batch_size,
-        cfg.device,
+        batch_size=cfg.feature_batch_size,
+        device=cfg.device,
         progress=True,
         work_dir=work_dir,
     )
