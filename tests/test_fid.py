@@ -151,11 +151,11 @@ def test_reference_pieces_computed_elsewhere_are_joined_not_recomputed(
 ) -> None:
     """The race's sides share the reference: a helper computes the pieces nobody has claimed;
     the final call computes only the rest, and the result is one computation's."""
-    monkeypatch.setattr(quality, "REFERENCE_SHARD", 4)
+    monkeypatch.setattr(quality, "REFERENCE_PIECE", 4)
     images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
     whole = quality.extract_features(TinyFeatures(), images, 3)
     work, cache = tmp_path / "work", tmp_path / "cache"
-    claimed = quality.shard_path(work, "folder|abc", CountingFeatures(), 1).with_suffix(".claim")
+    claimed = quality.piece_path(work, "folder|abc", CountingFeatures(), 1).with_suffix(".claim")
     claimed.parent.mkdir(parents=True)
     claimed.touch()  # another process holds piece 1 (and, below, leaves a bad file)
     CountingFeatures.calls.clear()
