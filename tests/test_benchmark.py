@@ -99,3 +99,20 @@ def test_benchmark_runs_edm_with_its_own_sampler(tmp_path: Path) -> None:
     assert positive(report["sampling_images_per_s"]["ours"])
     assert positive(report["lightning"]["images_per_s"]) and positive(report["plain"]["mfu"])
     assert "| heun-2 sampling |" in format_table(report)
+
+
+def test_a_bad_precision_is_refused_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    import flowerdiff.tasks.benchmark as benchmark
+    from flowerdiff.infra.config import ConfigError
+
+    def never(*args, **kwargs):
+        raise AssertionError("the benchmark measured before checking its precision")
+
+    monkeypatch.setattr(benchmark, "matmul_peak_flops", never)
+    cfg = compose_config(
+        ["model=unet_tiny", "precision=bf16", f"paths.root_dir={tmp_path}"],
+        config_name="benchmark",
+        output_dir=tmp_path / "run",
+    )
+    with pytest.raises(ConfigError, match=r"`precision='bf16'` is not a precision flowerdiff"):
+        run_benchmark(cfg)

@@ -124,7 +124,7 @@ def test_evaluate_needs_exactly_one_input(
         (("pr_k=0",), "`pr_k=0` must be an integer >= 1"),
         (("batch_size=0",), "`batch_size=0` must be an integer >= 1"),
         (("guidance_scale=2",), "`guidance_scale` applies to class-conditional models only"),
-        (("precision=fp8",), "`precision='fp8'` is not known"),
+        (("precision=fp8",), "`precision='fp8'` is not a precision flowerdiff runs"),
     ],
 )
 def test_bad_model_evaluation_is_one_paragraph_before_any_work(

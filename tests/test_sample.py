@@ -122,7 +122,7 @@ def problem(cfg) -> str:
         ("sampler=heun", "`eta=1.0` only applies to DDIM"),
         ("class_labels=[1,2]", "class_labels were given, but this model is unconditional"),
         ("guidance_scale=3", "`guidance_scale` applies to class-conditional models"),
-        ("precision=fp8", "`precision='fp8'` is not known"),
+        ("precision=fp8", "`precision='fp8'` is not a precision flowerdiff runs"),
         ("device=tpu", "`device='tpu'` is not a device"),
     ],
 )
