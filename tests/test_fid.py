@@ -163,13 +163,17 @@ def test_reference_pieces_computed_elsewhere_are_joined_not_recomputed(
         lambda: images, "folder|abc", CountingFeatures(), cache, work, 3
     )
     assert done == 2 and CountingFeatures.calls == [3, 1, 2]  # pieces 0 and 2 (images 0-3, 8-9)
-    # A piece file that is not the features of its images is recomputed, not trusted.
-    torch.save(torch.zeros(3, 8), claimed.with_suffix(".pt"))
+    # Piece files that are not the features of their images are recomputed, not trusted: one
+    # of the right shape but other values (caught by the first row's spot check), one with NaN.
+    torch.save(torch.zeros(4, 8), claimed.with_suffix(".pt"))
+    last = quality.piece_path(work, "folder|abc", CountingFeatures(), 2)
+    torch.save(torch.full((2, 8), float("nan")), last)
     CountingFeatures.calls.clear()
     features, hit = reference_features(
         lambda: images, "folder|abc", CountingFeatures(), cache, 3, work_dir=work
     )
-    assert not hit and CountingFeatures.calls == [3, 1]  # piece 1 only
+    # piece 0: its spot check; piece 1: spot check, then all of it; piece 2: all of it
+    assert not hit and CountingFeatures.calls == [1, 1, 3, 1, 2]
     torch.testing.assert_close(features, whole, rtol=0, atol=1e-6)
     assert not claimed.parent.exists()  # the pieces are gone once the reference is cached
 

@@ -135,6 +135,26 @@ def test_race_end_to_end_on_a_tiny_budget(tmp_path: Path, monkeypatch: pytest.Mo
     assert list((tmp_path / "other-cache").glob("fid-reference-*.pt"))
 
 
+def test_the_reference_work_folder_is_fresh_and_helping_is_best_effort(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not the race's")
+    work = tmp_path / "race" / "reference"
+    work.parent.mkdir()
+    work.symlink_to(outside)  # a link where the race keeps its pieces: removed, not followed
+    race.fresh_folder(work)
+    assert work.is_dir() and not work.is_symlink() and not any(work.iterdir())
+    assert (outside / "keep.txt").read_text() == "not the race's"
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(race, "help_with_reference", broken)
+    assert race.share_reference(race_config(tmp_path), work) == 0  # the race goes on
+
+
 def test_clock_saves_due_snapshots_and_stops_at_the_budget() -> None:
     saved: list[int] = []
     clock = Clock(10.0, 4, lambda r: saved.append(r["index"]) or Path(f"s{r['index']}"))

@@ -148,8 +148,8 @@ def piece_path(work_dir: Path, data_key: str, extractor: nn.Module, index: int) 
 
 
 def load_piece(path: Path, images: int, columns: int | None) -> Tensor | None:
-    """A helper's features of one piece: a float tensor with a row per image, else None (then
-    the piece is computed again rather than trusted)."""
+    """A helper's features of one piece, if the file holds what one would have written: a dense,
+    finite float32 tensor with a row per image; else None (the piece is then computed again)."""
     if not path.is_file():
         return None
     try:
@@ -158,11 +158,13 @@ def load_piece(path: Path, images: int, columns: int | None) -> Tensor | None:
         log.warning("Ignoring %s: not a tensor file", path)
         return None
     if (
-        isinstance(piece, Tensor)
-        and piece.is_floating_point()
+        type(piece) is Tensor
+        and piece.layout == torch.strided
+        and piece.dtype == torch.float32
         and piece.dim() == 2
         and len(piece) == images
         and piece.shape[1] == (columns or piece.shape[1])
+        and bool(piece.isfinite().all())
     ):
         return piece
     log.warning("Ignoring %s: not the features of %d images", path, images)
@@ -199,6 +201,12 @@ def reference_features(
         for index, chunk in enumerate(real.split(REFERENCE_PIECE)):
             done = piece_path(work_dir, data_key, extractor, index)
             piece = load_piece(done, len(chunk), getattr(extractor, "num_features", None))
+            # Spot check: the first image's features, recomputed here, must be the stored ones.
+            if piece is not None and not torch.allclose(
+                extract_features(extractor, chunk[:1], 1, device), piece[:1], rtol=1e-3, atol=1e-3
+            ):
+                log.warning("Ignoring %s: its first row is not that image's features", done)
+                piece = None
             if piece is None:
                 piece = extract_features(extractor, chunk, batch_size, device, progress)
             parts.append(piece)

@@ -617,22 +617,41 @@ def run_side(config_path: str | Path, side: str) -> None:
         evaluate_ours(cfg, result["snapshots"], folder)
     else:
         evaluate_peer(cfg, result["snapshots"], folder, result["width"])
-    # Side by side, the side that finishes first would leave its core idle: both take pieces
-    # of the FID reference (when it is not cached) until none is left; the main process joins
-    # them. One after the other, the main process computes it with every thread.
     result["reference_pieces"] = 0
+    (folder / "result.json").write_text(json.dumps(result, indent=2))  # kept if helping fails
     if cfg.parallel:
+        result["reference_pieces"] = share_reference(cfg, folder.parent / REFERENCE_WORK)
+    (folder / "result.json").write_text(json.dumps(result, indent=2))
+
+
+def share_reference(cfg: DictConfig, work_dir: Path) -> int:
+    """Side by side, the side that finishes first would leave its core idle: both take pieces
+    of the FID reference (when it is not cached) until none is left, and the main process joins
+    them (one after the other, it computes the reference with every thread). Best effort: a
+    failure here costs only time, never the race (the main process computes what is missing)."""
+    try:
         datamodule = instantiate(cfg.data)
-        result["reference_pieces"] = help_with_reference(
+        return help_with_reference(
             datamodule_images(datamodule),
             datamodule_data_key(datamodule),
             instantiate(cfg.feature_extractor).eval(),
             cfg.fid_cache_dir,
-            folder.parent / REFERENCE_WORK,
+            work_dir,
             cfg.feature_batch_size,
             cfg.device,
         )
-    (folder / "result.json").write_text(json.dumps(result, indent=2))
+    except Exception as error:  # any failure: the main process computes the rest
+        log.warning("Not helping with the FID reference: %s", error)
+        return 0
+
+
+def fresh_folder(path: Path) -> None:
+    """``path`` as a new, empty, real folder (an earlier race's files, or a link, removed)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
 
 
 # -- the main process ------------------------------------------------------------------------------
@@ -726,7 +745,7 @@ def run_race(cfg: DictConfig) -> dict[str, Any]:
         resolved.threads,
         folder,
     )
-    shutil.rmtree(folder / REFERENCE_WORK, ignore_errors=True)  # an earlier race's claims
+    fresh_folder(folder / REFERENCE_WORK)  # no claims or pieces of an earlier race
     for sides in groups:
         run_processes(config_path, folder, sides, int(resolved.threads))
     results = {side: json.loads((folder / side / "result.json").read_text()) for side in SIDES}
