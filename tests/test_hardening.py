@@ -85,9 +85,13 @@ def train_command(run_dir: Path, image_folder: Path, *extra: str) -> list[str]:
     ]
 
 
-def wandb_env(server: str | None) -> dict[str, str]:
+def wandb_env(server: str | None, home: Path) -> dict[str, str]:
+    """The child's W&B settings: its config, cache and data folders under ``home`` (the test's
+    own: parallel test workers never share ~/.config/wandb)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(OMP_NUM_THREADS="1", WANDB_INIT_TIMEOUT="3", WANDB_SILENT="true")
+    for name in ("CONFIG", "CACHE", "DATA"):
+        env[f"WANDB_{name}_DIR"] = str(home / f"wandb-{name.lower()}")
     if server is None:
         env["WANDB_MODE"] = "offline"
     else:  # "logged in" against a server that misbehaves
@@ -103,7 +107,7 @@ def test_a_bad_wandb_server_never_stops_training(
     started = time.monotonic()
     result = subprocess.run(
         train_command(tmp_path / "run", image_folder),
-        env=wandb_env(fake_wandb_server),
+        env=wandb_env(fake_wandb_server, tmp_path),
         capture_output=True,
         text=True,
         timeout=240,
@@ -124,7 +128,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(image_folder: Path, tmp_path
     for extra in ([], ["ckpt_path=last", "trainer.max_epochs=2"]):
         result = subprocess.run(
             train_command(run_dir, image_folder, *extra),
-            env=wandb_env(None),
+            env=wandb_env(None, tmp_path),
             capture_output=True,
             text=True,
             timeout=240,
@@ -212,7 +216,7 @@ def test_a_second_run_in_a_busy_directory_stops_at_once(image_folder: Path, tmp_
     run_dir = tmp_path / "run"
     first = subprocess.Popen(
         train_command(run_dir, image_folder, "logger=csv", "trainer.max_epochs=200"),
-        env=wandb_env(None),
+        env=wandb_env(None, tmp_path),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -224,7 +228,7 @@ def test_a_second_run_in_a_busy_directory_stops_at_once(image_folder: Path, tmp_
         started = time.monotonic()
         second = subprocess.run(
             train_command(run_dir, image_folder, "logger=csv"),
-            env=wandb_env(None),
+            env=wandb_env(None, tmp_path),
             capture_output=True,
             text=True,
             timeout=120,
