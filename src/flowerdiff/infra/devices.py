@@ -17,9 +17,9 @@ import torch
 GPU_ACCELERATORS = ("gpu", "cuda")
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 AUTO_PRECISIONS = ("auto", "auto-bf16")
-# The Lightning precisions every part of flowerdiff runs (training, grids, FID, sampling scripts)
-# under their canonical names; Lightning's aliases ("bf16", "16") would make the race's like-for-
-# like check miss them, and its 16-true, bf16-true and 64-true stop a run with a dtype error.
+# The Lightning precisions every part of flowerdiff runs (training, grids, FID, sampling scripts):
+# the canonical names, and YAML's 32. The aliases "bf16" and "16" would make the race's
+# like-for-like check miss them; 16-true, bf16-true and 64-true stop a run with a dtype error.
 SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "32")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -186,7 +185,7 @@ def reference_features(
     ``images`` is only called on a cache miss. Returns the features and whether they came from
     the cache. Features rather than mean/covariance are stored, so KID can use them too.
     ``work_dir``: pieces that other processes computed there (:func:`help_with_reference`) are
-    taken as they are; only the others are computed here.
+    taken once checked; only the others are computed here. The caller owns (and removes) it.
     """
     path = None if cache_dir is None else reference_path(cache_dir, data_key, extractor)
     if path is not None and path.is_file():
@@ -214,8 +213,6 @@ def reference_features(
     if path is not None:
         meta = {"data_key": data_key, "extractor": extractor_fingerprint(extractor)}
         atomic_torch_save({"features": features, "meta": meta}, path)
-    if work_dir is not None:
-        shutil.rmtree(work_dir / reference_key(data_key, extractor), ignore_errors=True)
     return features, False
 
 
@@ -236,9 +233,9 @@ def help_with_reference(
         return 0
     real = images()
     computed = 0
+    piece_path(work_dir, data_key, extractor, 0).parent.mkdir(parents=True, exist_ok=True)
     for index, chunk in enumerate(real.split(REFERENCE_PIECE)):
         done = piece_path(work_dir, data_key, extractor, index)
-        done.parent.mkdir(parents=True, exist_ok=True)
         try:  # the claim: whoever creates this file first computes the piece
             os.close(os.open(done.with_suffix(".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:

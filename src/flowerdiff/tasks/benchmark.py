@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from flowerdiff.data.datamodule import FlowersDataModule, IndexedImages, to_model_space
 from flowerdiff.diffusion import DDPMDiffusion
 from flowerdiff.diffusion.samplers import DDIMSampler
-from flowerdiff.infra.config import ConfigError, build_module, instantiate_callbacks
+from flowerdiff.infra.config import Problems, build_module, instantiate_callbacks
 from flowerdiff.infra.devices import (
     AUTOCAST_DTYPES,
     autocast_context,
@@ -428,10 +428,10 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run_benchmark(cfg: DictConfig) -> dict[str, Any]:
-    try:
+    problems = Problems()
+    with problems.catch("precision"):
         check_precision(cfg.precision, "precision")
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    problems.raise_if_any()
     accelerator = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
     device = torch.device("cpu" if accelerator == "auto" else accelerator)
     precision = str(resolve_precision(cfg.precision, device.type))

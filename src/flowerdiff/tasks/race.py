@@ -617,10 +617,8 @@ def run_side(config_path: str | Path, side: str) -> None:
         evaluate_ours(cfg, result["snapshots"], folder)
     else:
         evaluate_peer(cfg, result["snapshots"], folder, result["width"])
-    result["reference_pieces"] = 0
-    (folder / "result.json").write_text(json.dumps(result, indent=2))  # kept if helping fails
-    if cfg.parallel:
-        result["reference_pieces"] = share_reference(cfg, folder.parent / REFERENCE_WORK)
+    work_dir = folder.parent / REFERENCE_WORK
+    result["reference_pieces"] = share_reference(cfg, work_dir) if cfg.parallel else 0
     (folder / "result.json").write_text(json.dumps(result, indent=2))
 
 
@@ -750,7 +748,7 @@ def run_race(cfg: DictConfig) -> dict[str, Any]:
         run_processes(config_path, folder, sides, int(resolved.threads))
     results = {side: json.loads((folder / side / "result.json").read_text()) for side in SIDES}
     report = score(resolved, results, folder / REFERENCE_WORK)
-    shutil.rmtree(folder / REFERENCE_WORK, ignore_errors=True)
+    shutil.rmtree(folder / REFERENCE_WORK)  # its pieces are in the reference cache now
     print(format_table(report))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
