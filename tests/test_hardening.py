@@ -46,26 +46,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def fake_wandb_server(request: pytest.FixtureRequest) -> Iterator[str]:
-    """``http://127.0.0.1:<port>`` of a server that answers 404, never answers, or is absent."""
+    """``http://127.0.0.1:<port>`` of a server that answers 404, never answers, or is absent.
+
+    Every port is bound here and held for the whole test (a server on port 0; for "refuses" a
+    socket that is bound but never listens, so connections are refused): no probe-then-bind
+    window in which another test worker could take the port."""
     kind = request.param
-    port = free_port()
     if kind == "refuses":
-        yield f"http://127.0.0.1:{port}"
+        with socket.socket() as bound_not_listening:
+            bound_not_listening.bind(("127.0.0.1", 0))
+            yield f"http://127.0.0.1:{bound_not_listening.getsockname()[1]}"
         return
     handler = type("Handler", (_Handler,), {"hang": kind == "hangs"})
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", port), handler)
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
 
