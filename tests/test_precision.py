@@ -5,6 +5,7 @@ compile) staying harmless where they do not apply."""
 from __future__ import annotations
 
 import contextlib
+import platform
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from flowerdiff.infra.config import build_module
 from flowerdiff.infra.devices import autocast_context, resolve_precision
 from flowerdiff.models.unet import UNet
 from flowerdiff.tasks.train import enable_tf32, train
+from flowerdiff.training.module import fused_kwargs
 
 
 def test_bf16_mixed_channels_last_trains_on_cpu_without_nan(
@@ -86,10 +88,22 @@ def test_auto_bf16_follows_the_cpus_native_bf16(
     assert resolve_precision("auto-bf16", "gpu") == "16-mixed"  # on a GPU, auto's choice
 
 
-def test_native_cpu_bf16_is_onednns_check() -> None:
-    assert devices.native_cpu_bf16() == (
-        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+def cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64") or not Path("/proc/cpuinfo").is_file(),
+    reason="reads the x86 CPU flags from /proc/cpuinfo (Linux on x86 only)",
+)
+def test_native_cpu_bf16_follows_the_cpus_avx512_flags() -> None:
+    """Checked against the kernel's view of the CPU, not against the call it makes: oneDNN's bf16
+    kernels need AVX-512 BW, VL and DQ (PyTorch's mkldnn_bf16_device_check). False on the
+    AVX2-only EPYC this suite usually runs on, True on the earlier AVX-512/AMX CPU."""
+    assert devices.native_cpu_bf16() == ({"avx512bw", "avx512vl", "avx512dq"} <= cpu_flags())
 
 
 def test_the_precisions_we_accept_are_lightnings_and_run() -> None:
@@ -112,7 +126,7 @@ def test_the_precisions_we_accept_are_lightnings_and_run() -> None:
             devices.check_precision(name)
 
 
-def test_compile_keeps_state_dict_keys_and_fused_adamw_only_on_cuda(tiny_config) -> None:
+def test_compile_keeps_state_dict_keys(tiny_config) -> None:
     plain = build_module(tiny_config())
     compiled = build_module(tiny_config("model.compile=true"))
     assert compiled.state_dict().keys() == plain.state_dict().keys()
@@ -120,12 +134,53 @@ def test_compile_keeps_state_dict_keys_and_fused_adamw_only_on_cuda(tiny_config)
     # Weights load across the two: a compiled run's checkpoint serves an uncompiled sampler.
     plain.load_state_dict(compiled.state_dict())
 
-    assert plain._fused_kwargs() == {}  # on the CPU
-    plain._device = torch.device("cuda", 0)  # what Lightning sets after moving the module
-    assert plain._fused_kwargs() == {"fused": True}
-    explicit = build_module(tiny_config("+optimizer.fused=false"))
-    explicit._device = torch.device("cuda", 0)
-    assert explicit._fused_kwargs() == {}
+
+def test_adamw_is_fused_except_under_16_mixed_or_when_the_config_says(tiny_config) -> None:
+    factory = build_module(tiny_config()).optimizer_factory
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert fused_kwargs(factory, cpu, "32-true") == {"fused": True}
+    assert fused_kwargs(factory, cuda, "bf16-mixed") == {"fused": True}
+    assert fused_kwargs(factory, cpu, "32-true", clipping=True) == {"fused": True}
+    # Lightning clips no fused optimizer under mixed precision; under 16-mixed its GradScaler
+    # must also unscale before the logged gradient norm.
+    assert fused_kwargs(factory, cuda, "bf16-mixed", clipping=True) == {}
+    assert fused_kwargs(factory, cuda, "16-mixed") == {}
+    assert fused_kwargs(factory, torch.device("meta"), None) == {}
+    explicit = build_module(tiny_config("+optimizer.fused=false")).optimizer_factory
+    assert fused_kwargs(explicit, cpu, "32-true") == {}
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_training_with_clipping_gets_fused_adamw_except_under_mixed_precision(
+    tiny_config, precision: str
+) -> None:
+    """Lightning refuses gradient clipping for an optimizer that unscales inside its own step
+    under mixed precision, so such a run must get the unfused AdamW; a float32 one the fused."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    cfg = tiny_config(f"trainer.precision={precision}")
+    module = build_module(cfg)
+    seen: list[bool] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            seen.append(bool(trainer.optimizers[0].defaults["fused"]))
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision=precision,
+        gradient_clip_val=1.0,
+        max_steps=2,
+        callbacks=[Record()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=instantiate(cfg.data))
+    assert seen == [precision == "32-true"] * 2
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
 def test_tf32_is_a_no_op_on_cpu() -> None:

