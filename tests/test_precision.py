@@ -101,8 +101,8 @@ def cpu_flags() -> set[str]:
 )
 def test_native_cpu_bf16_follows_the_cpus_avx512_flags() -> None:
     """Checked against the kernel's view of the CPU, not against the call it makes: oneDNN's bf16
-    kernels need AVX-512 BW, VL and DQ (PyTorch's mkldnn_bf16_device_check). False on the
-    AVX2-only EPYC this suite usually runs on, True on the earlier AVX-512/AMX CPU."""
+    kernels need AVX-512 BW, VL and DQ (PyTorch's mkldnn_bf16_device_check). On the AVX2-only
+    EPYC this suite runs on, both sides are False."""
     assert devices.native_cpu_bf16() == ({"avx512bw", "avx512vl", "avx512dq"} <= cpu_flags())
 
 
@@ -135,7 +135,7 @@ def test_compile_keeps_state_dict_keys(tiny_config) -> None:
     plain.load_state_dict(compiled.state_dict())
 
 
-def test_adamw_is_fused_except_under_16_mixed_or_when_the_config_says(tiny_config) -> None:
+def test_adamw_is_fused_unless_lightning_must_unscale_or_the_config_says(tiny_config) -> None:
     factory = build_module(tiny_config()).optimizer_factory
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert fused_kwargs(factory, cpu, "32-true") == {"fused": True}

@@ -146,11 +146,10 @@ class DiffusionModule(L.LightningModule):
         }
 
     def _fused_kwargs(self) -> dict[str, bool]:
-        trainer = self._trainer
-        if trainer is None:
-            return fused_kwargs(self.optimizer_factory, self.device)
-        clipping = bool(trainer.gradient_clip_val)
-        return fused_kwargs(self.optimizer_factory, self.device, trainer.precision, clipping)
+        trainer = self._trainer  # None outside fit: no precision or clipping to avoid
+        precision = trainer.precision if trainer is not None else None
+        clipping = trainer is not None and bool(trainer.gradient_clip_val)
+        return fused_kwargs(self.optimizer_factory, self.device, precision, clipping)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.spec is None:
