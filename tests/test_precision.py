@@ -183,6 +183,35 @@ def test_training_with_clipping_gets_fused_adamw_except_under_mixed_precision(
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
+def test_explicit_fused_adamw_with_clipping_under_mixed_precision_is_refused_before_training(
+    tiny_config,
+) -> None:
+    """Lightning would stop such a run only at its first step, after the data load: the config
+    check names optimizer.fused before anything is built. Float32 clips a fused AdamW fine."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from flowerdiff.infra.config import ConfigError, validate_train_config
+
+    clipped = ("trainer.gradient_clip_val=1.0", "+optimizer.fused=true")
+    validate_train_config(tiny_config(*clipped, "trainer.precision=32-true"))
+    cfg = tiny_config(*clipped, "trainer.precision=bf16-mixed")
+    with pytest.raises(ConfigError, match=r"`optimizer.fused=true` with `trainer.gradient_clip"):
+        validate_train_config(cfg)
+    trainer = L.Trainer(  # what the check saves the user from
+        accelerator="cpu",
+        precision="bf16-mixed",
+        gradient_clip_val=1.0,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(Exception, match="does not allow for gradient clipping"):
+        trainer.fit(build_module(cfg), datamodule=instantiate(cfg.data))
+
+
 def test_tf32_is_a_no_op_on_cpu() -> None:
     before = torch.get_float32_matmul_precision()
     enable_tf32()

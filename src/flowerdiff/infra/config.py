@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flowerdiff.diffusion import Diffusion, Sampler, build_diffusion, build_sampler
 from flowerdiff.infra.checkpoints import checkpoint_spec, read_checkpoint
-from flowerdiff.infra.devices import check_devices, check_precision
+from flowerdiff.infra.devices import check_devices, check_precision, resolve_precision
 from flowerdiff.registry import check_keys
 from flowerdiff.training.module import DiffusionModule
 from flowerdiff.training.spec import ModelSpec
@@ -246,6 +246,7 @@ def validate_train_config(cfg: DictConfig) -> ModelSpec:
     check_clipping(cfg.trainer, problems)
     with problems.catch("trainer.precision"):
         check_precision(cfg.trainer.get("precision", "32-true"))
+        check_fused_clipping(cfg, problems)
     for message in check_devices(cfg):
         problems.add(message)
     check_ckpt_path(cfg.get("ckpt_path"), problems)
@@ -308,6 +309,28 @@ def check_clipping(trainer: DictConfig, problems: Problems) -> None:
     algorithm = trainer.get("gradient_clip_algorithm")
     if algorithm not in (None, "norm", "value"):
         problems.add(f"`trainer.gradient_clip_algorithm={algorithm!r}` must be norm or value.")
+
+
+def check_fused_clipping(cfg: DictConfig, problems: Problems) -> None:
+    """Lightning refuses to clip gradients under mixed precision for an optimizer that unscales
+    inside its own step, and says so only at the first training step, after the data load: an
+    explicit ``optimizer.fused=true`` with clipping is refused here. (Left unset, fused is chosen
+    only where Lightning allows it.)"""
+    if OmegaConf.select(cfg, "optimizer.fused", default=None) is not True:
+        return
+    clip = cfg.trainer.get("gradient_clip_val")
+    if not clip or isinstance(clip, bool) or not isinstance(clip, int | float):
+        return
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if str(resolve_precision(precision, accelerator)).endswith("-mixed"):
+        problems.add(
+            f"`optimizer.fused=true` with `trainer.gradient_clip_val={clip}` under "
+            f"`trainer.precision={precision}` (mixed precision here): Lightning cannot clip the "
+            "gradients of a fused optimizer under mixed precision. Drop `optimizer.fused` "
+            "(flowerdiff then fuses only where Lightning allows it), set "
+            "`trainer.gradient_clip_val=null`, or train at `trainer.precision=32-true`."
+        )
 
 
 def check_target_keys(node: Any, key: str, problems: Problems, skip: tuple[str, ...] = ()) -> bool:
