@@ -35,7 +35,7 @@ from flowerdiff.diffusion import Diffusion, Sampler, build_diffusion, build_samp
 from flowerdiff.infra.checkpoints import checkpoint_spec, read_checkpoint
 from flowerdiff.infra.devices import check_devices, check_precision, resolve_precision
 from flowerdiff.registry import check_keys
-from flowerdiff.training.module import DiffusionModule
+from flowerdiff.training.module import DiffusionModule, lightning_refuses_fused
 from flowerdiff.training.spec import ModelSpec
 
 # Values Lightning resolves itself for `trainer.fit(ckpt_path=...)`.
@@ -312,10 +312,9 @@ def check_clipping(trainer: DictConfig, problems: Problems) -> None:
 
 
 def check_fused_clipping(cfg: DictConfig, problems: Problems) -> None:
-    """Lightning refuses to clip gradients under mixed precision for an optimizer that unscales
-    inside its own step, and says so only at the first training step, after the data load: an
-    explicit ``optimizer.fused=true`` with clipping is refused here. (Left unset, fused is chosen
-    only where Lightning allows it.)"""
+    """An explicit ``optimizer.fused=true`` that Lightning would refuse only at the first training
+    step, after the data load (``lightning_refuses_fused``), is refused here. (Left unset, fused
+    is chosen only where Lightning allows it.)"""
     if OmegaConf.select(cfg, "optimizer.fused", default=None) is not True:
         return
     clip = cfg.trainer.get("gradient_clip_val")
@@ -323,7 +322,7 @@ def check_fused_clipping(cfg: DictConfig, problems: Problems) -> None:
         return
     precision = str(cfg.trainer.get("precision", "32-true"))
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    if str(resolve_precision(precision, accelerator)).endswith("-mixed"):
+    if lightning_refuses_fused(resolve_precision(precision, accelerator), clipping=True):
         problems.add(
             f"`optimizer.fused=true` with `trainer.gradient_clip_val={clip}` under "
             f"`trainer.precision={precision}` (mixed precision here): Lightning cannot clip the "

@@ -234,12 +234,17 @@ def fused_kwargs(
     clipping (Lightning refuses to clip for an optimizer that unscales inside its own step), nor
     under 16-mixed at all (its GradScaler must unscale before the logged gradient norm).
     """
-    mixed = str(precision).endswith("-mixed")
-    if factory is None or precision == "16-mixed" or (mixed and clipping):
+    if factory is None or precision == "16-mixed" or lightning_refuses_fused(precision, clipping):
         return {}
     if "fused" in getattr(factory, "keywords", {}) or device.type not in ("cuda", "cpu"):
         return {}
     return {"fused": True} if "fused" in inspect.signature(factory).parameters else {}
+
+
+def lightning_refuses_fused(precision: str | int | None, clipping: bool) -> bool:
+    """Lightning clips no optimizer that unscales inside its own step (``fused=True``) under
+    mixed precision, bf16 included: it says so at the first training step."""
+    return clipping and str(precision).endswith("-mixed")
 
 
 def _unpack(batch: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
