@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -309,11 +309,12 @@ def test_conditional_model_classes_guidance_and_raw_weights(
 
     shown = app.generate(0, 3, "ema", "ddim", 3, 1.0, EVERY_CLASS, 1.0)
     assert np.array_equal(pixels(shown.image), grid_of())
+    assert "· classes in turn ·" in shown.timings
     shown = app.generate(0, 3, "raw", "ddim", 3, 1.0, "1: tulip", 2.5)
     assert np.array_equal(
         pixels(shown.image), grid_of("weights=raw", "class_labels=[1]", "guidance_scale=2.5")
     )
-    assert "guidance 2.5" in shown.timings
+    assert "guidance 2.5" in shown.timings and "· class 1 ·" in shown.timings
     with pytest.raises(ValueError, match="needs a class"):
         app.generate(0, 3, "ema", "ddim", 3, 1.0, explore_task.UNCONDITIONAL, 2.0)
     with pytest.raises(ValueError, match=r"`guidance_scale=-1\.0` must be a number >= 0"):
@@ -458,6 +459,30 @@ def set_number(page: Any, selector: str, value: float) -> None:
                 ) from error
 
 
+def run_until_described(
+    page: Any, button: str, output: str, description: str, fill: Callable[[], None]
+) -> bytes:
+    """Fill a tab's fields, press its button and return the image once the result's caption
+    shows ``description`` (what the server was sent). A tab that has just opened can put a
+    field's default back after it was typed and checked (CI of stop 27 interpolated other seeds
+    than the test's), so a caption that says otherwise is retried with the fields typed again."""
+    previous, caption = None, ""
+    for _ in range(3):
+        fill()
+        page.get_by_role("button", name=button).click()
+        png, previous = shown_png(page, f"#fd-{output}-images", previous)
+        try:
+            page.wait_for_function(
+                "([sel, text]) => document.querySelector(sel).innerText.includes(text)",
+                arg=[f"#fd-{output}-timings", description],
+                timeout=5_000,
+            )
+            return png
+        except Exception:
+            caption = page.locator(f"#fd-{output}-timings").inner_text()
+    raise AssertionError(f"three times the {button} caption said {caption!r}, not {description!r}")
+
+
 def choose(page: Any, selector: str, option: str) -> None:
     """Pick an option of a dropdown by typing it."""
     box = page.locator(f"{selector} input").first
@@ -521,9 +546,13 @@ def test_browser_generate_edit_and_interpolate(
     picture_path = write_images(tmp_path / "upload", 2, size=40)
     page.get_by_role("tab", name="Image to image").click()
     upload(page, "#fd-img2img-input", picture_path / "img_000.png")
-    set_number(page, "#fd-strength", 0.6)
-    page.get_by_role("button", name="Transform").click()
-    png, _ = shown_png(page, "#fd-img2img-images")
+    png = run_until_described(
+        page,
+        "Transform",
+        "img2img",
+        "strength 0.6 ·",
+        lambda: set_number(page, "#fd-strength", 0.6),
+    )
     source_image = to_model_image(Image.open(picture_path / "img_000.png"), module.image_shape)
     expected = editing.image_to_image(
         module,
@@ -563,12 +592,20 @@ def test_browser_generate_edit_and_interpolate(
 
     # Interpolation between seeds 2 and 9, three frames, class "tulip".
     page.get_by_role("tab", name="Interpolation").click()
-    set_number(page, "#fd-seed-a", 2)
-    set_number(page, "#fd-seed-b", 9)
-    set_number(page, "#fd-frames", 3)
-    choose(page, "#fd-class", "1: tulip")
-    page.get_by_role("button", name="Interpolate").click()
-    png, _ = shown_png(page, "#fd-interpolate-images")
+
+    def interpolation_settings() -> None:
+        set_number(page, "#fd-seed-a", 2)
+        set_number(page, "#fd-seed-b", 9)
+        set_number(page, "#fd-frames", 3)
+        choose(page, "#fd-class", "1: tulip")
+
+    png = run_until_described(
+        page,
+        "Interpolate",
+        "interpolate",
+        "seeds 2 → 9, 3 frames · class 1 ·",
+        interpolation_settings,
+    )
     expected = editing.interpolate_seeds(module, 2, 9, [0.0, 0.5, 1.0], sampler=sampler, label=1)
     assert np.array_equal(pixels(png), pixels(to_pil(grid(expected.images, nrow=3))))
     animation, _ = shown_png(page, "#fd-interpolate-animation")

@@ -538,12 +538,16 @@ class Explorer:
         name = SAMPLERS.name_of(type(sampler))
         eta = f", eta {sampler.eta:g}" if hasattr(sampler, "eta") else ""
         guidance = f", guidance {settings.guidance.scale:g}" if settings.guidance else ""
-        text = (
+        classes = ""  # said, so that a caption tells what the page sent
+        if settings.label is not None:
+            classes = f" · class {settings.label}"
+        elif settings.every_class:
+            classes = " · classes in turn"
+        return (
             f"{count} image{'s' * (count != 1)} in {elapsed:.2f} s ({elapsed / count:.2f} s per "
-            f"image) · {name}, {sampler.num_inference_steps} steps{eta}{guidance} · {what} · "
-            f"{self.device}"
+            f"image) · {name}, {sampler.num_inference_steps} steps{eta}{guidance} · {what}"
+            f"{classes} · {self.device}"
         )
-        return text
 
     def _result(
         self,
