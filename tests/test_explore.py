@@ -464,8 +464,10 @@ def run_until_described(
 ) -> bytes:
     """Fill a tab's fields, press its button and return the image once the result's caption
     shows ``description`` (what the server was sent). A tab that has just opened can put a
-    field's default back after it was typed and checked (CI of stop 27 interpolated other seeds
-    than the test's), so a caption that says otherwise is retried with the fields typed again."""
+    field's default back after it was typed and checked (the likely cause of the one CI run, of
+    stop 27, whose interpolation had other pixels than the library's for the test's settings),
+    so a caption that says otherwise is retried with the fields typed again. If the caption
+    matches and the pixels still differ, the cause is elsewhere."""
     previous, caption = None, ""
     for _ in range(3):
         fill()
