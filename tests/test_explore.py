@@ -466,8 +466,10 @@ def run_until_described(
     shows ``description`` (what the server was sent). A tab that has just opened can put a
     field's default back after it was typed and checked (the likely cause of the one CI run, of
     stop 27, whose interpolation had other pixels than the library's for the test's settings),
-    so a caption that says otherwise is retried with the fields typed again. If the caption
-    matches and the pixels still differ, the cause is elsewhere."""
+    so a caption that says otherwise is retried with the fields typed again. A rerun that gives
+    the very same image keeps its address (Gradio names files by content), so shown_png's wait
+    fails then, printing the page. If the caption matches and the pixels still differ, the cause
+    is elsewhere."""
     previous, caption = None, ""
     for _ in range(3):
         fill()
